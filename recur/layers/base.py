@@ -1,0 +1,122 @@
+"""The mixer contract (DESIGN.md section 2), enforced in one place.
+
+    y, state = mixer(x, state=None)     # x: [batch, time, d_model]
+    state = mixer.init_state(batch_size, device=..., dtype=...)
+    n = mixer.state_size(seq_len)       # floats of memory per sequence after seq_len tokens
+    mixer.modes                         # supported modes, the default (fastest) first
+    mixer.mode                          # the mode in use; "recurrent" is the sequential reference
+    mixer.causal
+
+Subclasses implement ``_forward(x, state) -> (y, state)`` and ``init_state``; the base
+class validates inputs and states so every mixer fails the same clear way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recur.state import State
+
+MODES = ("recurrent", "chunk", "parallel", "conv")
+
+
+class Mixer(nn.Module):
+    """Base class of every sequence mixer."""
+
+    name: str = "mixer"  # set by @register
+    modes: tuple[str, ...] = ("recurrent",)
+    causal: bool = True
+    # State entries whose given dimension grows with the sequence (a KV cache): (key, dim).
+    growing: tuple[tuple[str, int], ...] = ()
+    supports_bfloat16: bool = True
+
+    def __init__(self, d_model: int, mode: str | None = None):
+        super().__init__()
+        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0:
+            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or "recurrent" not in self.modes:
+            raise TypeError(f"{type(self).__name__}.modes must list 'recurrent' and only {MODES}, got {self.modes}")
+        self.d_model = d_model
+        self.mode = mode if mode is not None else self.modes[0]
+
+    # ------------------------------------------------------------------ modes
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in self.modes:
+            raise ValueError(f"{self.name} supports modes {self.modes}, got mode={value!r}")
+        self._mode = value
+
+    # --------------------------------------------------------------- contract
+    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        self.check_input(x)
+        if state is None:
+            state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        else:
+            self.check_state(state, x)
+        return self._forward(x, state)
+
+    def _forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        raise NotImplementedError(f"{type(self).__name__} must implement _forward")
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        raise NotImplementedError(f"{type(self).__name__} must implement init_state")
+
+    def state_size(self, seq_len: int) -> int:
+        """Floats of memory per sequence after ``seq_len`` tokens (constant for recurrent mixers)."""
+        return self.init_state(1, device="meta", dtype=torch.float32).num_floats()
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, mode={self.mode!r}"
+
+    # ------------------------------------------------------------- validation
+    def check_input(self, x) -> None:
+        expected = f"[batch, time, d_model={self.d_model}]"
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{self.name}: x must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{self.name}: x must be a floating-point tensor of shape {expected}, got dtype {x.dtype}")
+        if x.dtype == torch.bfloat16 and not self.supports_bfloat16:
+            raise TypeError(f"{self.name} does not support bfloat16; use float32 or float64")
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"{self.name}: x must have shape {expected}, got {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"{self.name}: x must have batch >= 1 and time >= 1, got shape {tuple(x.shape)}")
+
+    def check_state(self, state, x: torch.Tensor) -> None:
+        """The state must have the keys, shapes, dtypes and device ``init_state`` gives for this batch."""
+        if not isinstance(state, State):
+            raise TypeError(f"{self.name}: state must be a recur.State (from init_state or a previous call), got {type(state).__name__}")
+        template = self.init_state(x.shape[0], device="meta", dtype=x.dtype)
+        _check_against(self.name, state, template, dict(self.growing), x.device)
+
+
+def _check_against(name: str, state: State, template: State, growing: dict[str, int], device) -> None:
+    if set(state) != set(template):
+        raise ValueError(f"{name}: state has entries {sorted(state)}, expected {sorted(template)}")
+    for key, want in template.items():
+        got = state[key]
+        if isinstance(want, State):
+            if not isinstance(got, State):
+                raise TypeError(f"{name}: state entry {key!r} must be a State")
+            _check_against(name, got, want, {}, device)
+            continue
+        if not isinstance(got, torch.Tensor):
+            raise TypeError(f"{name}: state entry {key!r} must be a tensor")
+        shape_ok = got.ndim == want.ndim and all(
+            g == w or growing.get(key) == i for i, (g, w) in enumerate(zip(got.shape, want.shape))
+        )
+        if not shape_ok:
+            shown = list(want.shape)
+            if key in growing:
+                shown[growing[key]] = "time"
+            raise ValueError(f"{name}: state entry {key!r} must have shape {tuple(shown)}, got {tuple(got.shape)}")
+        if got.dtype != want.dtype:
+            raise TypeError(f"{name}: state entry {key!r} must have dtype {want.dtype} (matching x), got {got.dtype}")
+        if got.device.type != torch.device(device).type:
+            raise ValueError(f"{name}: state entry {key!r} is on {got.device}, x is on {device}")

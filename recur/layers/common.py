@@ -1,0 +1,62 @@
+"""Pieces shared by several mixers: the short causal convolution and rotary positions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time (kernel ``k``), carrying its last k-1 inputs.
+
+    y_t = act(b + sum_{i<k} w_i * x_{t-i}); the state is the tail x_{t-k+2..t}: [batch, k-1, channels].
+    Used by Mamba (H3-style short conv), DeltaNet and Gated DeltaNet.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 4, bias: bool = True, activation: str | None = "silu"):
+        super().__init__()
+        if kernel_size < 2:
+            raise ValueError(f"kernel_size must be >= 2, got {kernel_size}")
+        self.channels, self.kernel_size = channels, kernel_size
+        # Same parameterisation and default init as nn.Conv1d(channels, channels, k, groups=channels).
+        conv = nn.Conv1d(channels, channels, kernel_size, groups=channels, bias=bias)
+        self.weight = conv.weight  # [channels, 1, k]
+        self.bias = conv.bias
+        if activation not in (None, "silu"):
+            raise ValueError(f"activation must be None or 'silu', got {activation!r}")
+        self.activation = activation
+
+    def init_tail(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch_size, self.kernel_size - 1, self.channels, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: [batch, time, channels]; tail: [batch, k-1, channels]
+        xx = torch.cat([tail.to(x.dtype), x], dim=1)
+        y = F.conv1d(xx.transpose(1, 2), self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype), groups=self.channels)
+        y = y.transpose(1, 2)
+        if self.activation == "silu":
+            y = F.silu(y)
+        return y, xx[:, -(self.kernel_size - 1) :]
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (RoFormer), half-split layout.
+
+    x: [batch, heads, time, d] with d even; positions: [batch, time] absolute integer positions.
+    Pairs (x_i, x_{i+d/2}) are rotated by angle pos * base^(-2i/d).
+    """
+    d = x.shape[-1]
+    if d % 2:
+        raise ValueError(f"rotary positions need an even head dimension, got {d}")
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = base ** (-torch.arange(0, d, 2, device=x.device, dtype=work) / d)  # [d/2]
+    angles = positions.to(work)[:, None, :, None] * inv_freq  # [batch, 1, time, d/2]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def positions_from(offset: torch.Tensor, length: int) -> torch.Tensor:
+    """Absolute positions [batch, length] continuing from a per-row counter ``offset`` [batch]."""
+    return offset[:, None] + torch.arange(length, device=offset.device, dtype=offset.dtype)

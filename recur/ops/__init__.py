@@ -1,0 +1,1 @@
+"""Recurrence primitives: pure functions, each with a sequential ``reference`` loop and fast modes."""
