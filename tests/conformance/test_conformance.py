@@ -19,6 +19,7 @@ D = 16
 RTOL, ATOL = 1e-8, 1e-10
 MODELS = recur.list_models()
 CHUNK = 8  # small chunks so T=37 spans several chunks and ends mid-chunk
+WINDOW = 6  # small attention windows so T=37 exercises eviction from a windowed cache
 
 
 def make(name: str, dtype=torch.float64, seed: int = 0):
@@ -26,6 +27,8 @@ def make(name: str, dtype=torch.float64, seed: int = 0):
     mixer = recur.build(name, d_model=D).to(dtype)
     if hasattr(mixer, "chunk_size"):
         mixer.chunk_size = CHUNK
+    if hasattr(mixer, "window"):
+        mixer.window = WINDOW
     return mixer
 
 

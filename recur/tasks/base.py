@@ -1,0 +1,183 @@
+"""The task contract (DESIGN.md section 6) and the task registry.
+
+    task = recur.tasks.get_task("mqar", num_kv_pairs=8)
+    inputs, targets, mask = task.batch(n, seq_len, generator, split="train")
+    scores = task.score(logits, batch)      # {"accuracy": ..., "exact_match": ...}
+
+* ``inputs``, ``targets``: int64 [n, seq_len]; ``mask``: bool [n, seq_len], True where the
+  position is supervised (the loss and the metrics use only those positions).
+* Generators are deterministic given the ``torch.Generator``; train and test data are
+  disjoint by construction (``split``): every sequence belongs to exactly one split, decided
+  by a hash of its defining content (see ``split_of``).
+* Parameters are a pydantic model (``Params``) so a bad value gets a clear message.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+SPLITS = ("train", "test")
+TEST_FRACTION = 0.125  # share of all sequences that belong to the test split
+
+
+@dataclass
+class Batch:
+    """One batch of a task. Unpacks as ``inputs, targets, mask``."""
+
+    inputs: torch.Tensor  # int64 [n, seq_len]
+    targets: torch.Tensor  # int64 [n, seq_len]
+    mask: torch.Tensor  # bool [n, seq_len]
+    valid: torch.Tensor | None = None  # bool [n, seq_len, vocab]: every acceptable target (dfa_icll)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter((self.inputs, self.targets, self.mask))
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in (self.inputs, self.targets, self.mask)),
+                     valid=None if self.valid is None else self.valid.to(device))
+
+
+class TaskParams(BaseModel):
+    """Base of every task's parameters: unknown keys are errors, values are validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Task:
+    """Base class of the synthetic probe tasks."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[TaskParams]] = TaskParams
+    description: ClassVar[str] = ""  # token layout and metric, shown by `recur tasks`
+
+    def __init__(self, **params: Any):
+        try:
+            self.params = self.Params(**params)
+        except ValidationError as e:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"bad parameters for task {self.name!r}: {problems}. "
+                             f"Parameters: {describe_params(self.Params)}") from None
+
+    # -- to implement ---------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def batch(self, n: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:
+        raise NotImplementedError
+
+    def min_seq_len(self) -> int:
+        """The shortest sequence this configuration can be laid out in."""
+        return 1
+
+    # -- shared -----------------------------------------------------------------
+    def score(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:
+        """Token accuracy over supervised positions and exact match per sequence.
+
+        With ``batch.valid`` (several acceptable answers), a prediction is right when it is
+        any acceptable token.
+        """
+        pred = logits.argmax(-1)
+        if batch.valid is not None:
+            right = batch.valid.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
+        else:
+            right = pred == batch.targets
+        mask = batch.mask
+        n_sup = mask.sum().clamp(min=1)
+        accuracy = (right & mask).sum().float() / n_sup
+        has_sup = mask.any(dim=1)
+        seq_ok = ((right | ~mask).all(dim=1) & has_sup).float().sum() / has_sup.sum().clamp(min=1)
+        return {"accuracy": float(accuracy), "exact_match": float(seq_ok)}
+
+    def check_split(self, split: str) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+    def check_seq_len(self, seq_len: int) -> None:
+        if seq_len < self.min_seq_len():
+            raise ValueError(f"task {self.name!r} with {self.params.model_dump()} needs seq_len >= "
+                             f"{self.min_seq_len()}, got {seq_len}")
+
+    def config(self) -> dict[str, Any]:
+        return {"task": self.name, **self.params.model_dump()}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items())
+        return f"{type(self).__name__}({args})"
+
+
+_HASH_MOD = (1 << 31) - 1  # Mersenne prime: every product below stays inside int64
+_HASH_MULTS = (48271, 1_103_515_245 % _HASH_MOD)
+
+
+def split_of(content: torch.Tensor) -> torch.Tensor:
+    """Which split each row of ``content`` (int64 [n, L]) belongs to: True for test.
+
+    Two polynomial hashes of the row modulo 2^31-1 (exact in int64), mixed into one
+    bucket. The same content always lands in the same split, so train and test are
+    disjoint by construction, whatever the seed.
+    """
+    c = content.to(torch.int64) % _HASH_MOD
+    hashes = []
+    for mult in _HASH_MULTS:
+        h = torch.full((c.shape[0],), 12345, dtype=torch.int64, device=c.device)
+        for j in range(c.shape[1]):
+            h = (h * mult + c[:, j] + 1) % _HASH_MOD
+        hashes.append(h)
+    bucket = (hashes[0] * 31 + hashes[1]) % 1000
+    return bucket < int(TEST_FRACTION * 1000)
+
+
+def describe_params(params: type[TaskParams]) -> str:
+    """``name: type = default`` for every parameter, for error messages and `recur tasks`."""
+    parts = []
+    for name, field in params.model_fields.items():
+        typ = getattr(field.annotation, "__name__", str(field.annotation))
+        parts.append(f"{name}: {typ} = {field.default!r}")
+    return ", ".join(parts) or "(none)"
+
+
+_TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(cls: type[Task]) -> type[Task]:
+    """Class decorator: register a task under ``cls.name``."""
+    if cls.name in _TASKS and _TASKS[cls.name] is not cls:
+        raise ValueError(f"task {cls.name!r} is already registered")
+    _TASKS[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    import importlib
+    import pkgutil
+
+    import recur.tasks as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name != "base":
+            importlib.import_module(f"recur.tasks.{info.name}")
+
+
+def list_tasks() -> list[str]:
+    _load_all()
+    return sorted(_TASKS)
+
+
+def task_class(name: str) -> type[Task]:
+    _load_all()
+    if name not in _TASKS:
+        close = difflib.get_close_matches(name, sorted(_TASKS), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+def get_task(name: str, **params: Any) -> Task:
+    """Build the task registered as ``name`` with ``params`` (validated)."""
+    return task_class(name)(**params)
