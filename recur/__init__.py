@@ -3,10 +3,14 @@
 from recur.registry import build, list_models, list_patterns, model_info, register, register_pattern
 from recur.state import State
 from recur.layers.base import Mixer
+from recur.models import Backbone, Block, CausalLM
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Backbone",
+    "Block",
+    "CausalLM",
     "Mixer",
     "State",
     "build",
