@@ -52,6 +52,11 @@ class Mixer(nn.Module):
             raise ValueError(f"{self.name} supports modes {self.modes}, got mode={value!r}")
         self._mode = value
 
+    @property
+    def op_mode(self) -> str:
+        """The primitive's mode for the mixer's mode: "recurrent" runs the primitive's reference loop."""
+        return "reference" if self._mode == "recurrent" else self._mode
+
     # --------------------------------------------------------------- contract
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
         self.check_input(x)

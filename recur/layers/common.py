@@ -60,3 +60,35 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> t
 def positions_from(offset: torch.Tensor, length: int) -> torch.Tensor:
     """Absolute positions [batch, length] continuing from a per-row counter ``offset`` [batch]."""
     return offset[:, None] + torch.arange(length, device=offset.device, dtype=offset.dtype)
+
+
+def head_split(d_model: int, n_heads: int | None = None, head_dim: int | None = None, *,
+               even: bool = False, max_head_dim: int = 64) -> tuple[int, int]:
+    """(n_heads, head_dim) with n_heads * head_dim == d_model, from either, both or neither.
+
+    With neither, head_dim is the largest divisor of d_model that is at most
+    min(max_head_dim, d_model / 2) (even if ``even``, as rotary needs): at least two heads of
+    at most 64 channels (16 -> 2 x 8, 96 -> 2 x 48, 1024 -> 16 x 64).
+    """
+    for label, value in (("n_heads", n_heads), ("head_dim", head_dim)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    if n_heads is None and head_dim is None:
+        cap = max(1, min(max_head_dim, d_model // 2))
+        fits = [h for h in range(1, cap + 1) if d_model % h == 0 and (not even or h % 2 == 0)]
+        if not fits:
+            raise ValueError(f"d_model={d_model} has no even head dimension; pass n_heads/head_dim")
+        head_dim = max(fits)
+    if head_dim is None:
+        if d_model % n_heads:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        head_dim = d_model // n_heads
+    if n_heads is None:
+        if d_model % head_dim:
+            raise ValueError(f"head_dim={head_dim} must divide d_model={d_model}")
+        n_heads = d_model // head_dim
+    if n_heads * head_dim != d_model:
+        raise ValueError(f"n_heads={n_heads} x head_dim={head_dim} must equal d_model={d_model}")
+    if even and head_dim % 2:
+        raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, n_heads={n_heads})")
+    return n_heads, head_dim

@@ -1,0 +1,132 @@
+"""Softmax attention as a recurrent layer: the KV cache is the state.
+
+``attention`` attends to every earlier token (its state grows by one key and one value per
+token); ``swa`` attends to the last ``window`` tokens only (its cache stops growing at
+``window - 1`` tokens). Both rotate queries and keys by their absolute positions (RoPE),
+so the cache holds rotated keys and a position counter continues the rotation across calls.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from recur.layers.base import Mixer
+from recur.layers.common import head_split, positions_from, rotary
+from recur.ops.attention import attention, attention_step, trim_cache
+from recur.registry import register
+from recur.state import State
+
+
+@register("attention", family="attention", paper="Vaswani et al., Attention Is All You Need (2017); Su et al., RoFormer (2021)")
+class Attention(Mixer):
+    """Multi-head causal softmax attention with rotary positions; the KV cache is the state.
+
+    q_t, k_t, v_t = W_q x_t, W_k x_t, W_v x_t (per head; q, k rotated by position t);
+    K_t = [K_{t-1}; k_t], V_t = [V_{t-1}; v_t];  y_t = W_o concat_heads(softmax(q_t K_t^T / sqrt(d)) V_t).
+    Vaswani et al., "Attention Is All You Need" (2017), rotary positions from Su et al., "RoFormer" (2021).
+
+    Options: ``n_heads`` / ``head_dim`` (default from ``head_split``: at least two heads
+    of at most 64 channels), ``rotary_base`` (10000).
+    State: ``pos`` int64 [batch] (tokens seen), ``k``, ``v`` [batch, heads, cached_time, head_dim].
+    Modes: ``parallel`` (all new tokens in one masked attention) and ``recurrent`` (token by
+    token through the cache: the reference).
+    """
+
+    modes = ("parallel", "recurrent")
+    growing = (("k", 2), ("v", 2))
+
+    def __init__(self, d_model: int, mode: str | None = None, n_heads: int | None = None, head_dim: int | None = None,
+                 rotary_base: float = 10000.0):
+        super().__init__(d_model, mode)
+        n_heads, head_dim = head_split(d_model, n_heads, head_dim, even=True)
+        self.n_heads, self.head_dim, self.rotary_base = n_heads, head_dim, rotary_base
+        inner = n_heads * head_dim
+        self.q_proj = nn.Linear(d_model, inner, bias=False)
+        self.k_proj = nn.Linear(d_model, inner, bias=False)
+        self.v_proj = nn.Linear(d_model, inner, bias=False)
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+
+    def attention_window(self) -> int | None:
+        """Tokens a query sees (itself included); None: the whole past."""
+        return None
+
+    def cache_length(self, seq_len: int) -> int:
+        window = self.attention_window()
+        return seq_len if window is None else min(seq_len, window - 1)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> State:
+        empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
+        return State(pos=torch.zeros(batch_size, device=device, dtype=torch.int64), k=empty, v=empty.clone())
+
+    def state_size(self, seq_len: int) -> int:
+        return 2 * self.n_heads * self.head_dim * self.cache_length(seq_len)
+
+    def extra_repr(self) -> str:
+        window = self.attention_window()
+        shown = "" if window is None else f", window={window}"
+        return f"{super().extra_repr()}, n_heads={self.n_heads}, head_dim={self.head_dim}{shown}"
+
+    def _forward(self, x, state):
+        T, window = x.shape[1], self.attention_window()
+
+        def heads(t):
+            return rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)
+
+        positions = positions_from(state["pos"], T)  # [batch, time]
+        q = rotary(heads(self.q_proj(x)), positions, self.rotary_base)
+        k = rotary(heads(self.k_proj(x)), positions, self.rotary_base)
+        v = heads(self.v_proj(x))  # q, k, v: [batch, heads, time, head_dim]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if self.mode == "parallel":
+            k_all = torch.cat([state["k"], k], dim=2)
+            v_all = torch.cat([state["v"], v], dim=2)
+            o = attention(q, k_all, v_all, window=window, scale=scale, mode="parallel")
+            k_cache, v_cache = trim_cache(k_all, window), trim_cache(v_all, window)
+        else:
+            k_cache, v_cache, outs = state["k"], state["v"], []
+            for t in range(T):
+                # The cache plus this token: at most `window` entries, all visible to q_t.
+                k_all = torch.cat([k_cache, k[:, :, t : t + 1]], dim=2)
+                v_all = torch.cat([v_cache, v[:, :, t : t + 1]], dim=2)
+                outs.append(attention_step(q[:, :, t], k_all, v_all, window=window, scale=scale))
+                k_cache, v_cache = trim_cache(k_all, window), trim_cache(v_all, window)
+            o = torch.stack(outs, dim=2)
+        y = self.o_proj(rearrange(o, "b h t d -> b t (h d)"))
+        return y, State(pos=state["pos"] + T, k=k_cache, v=v_cache)
+
+
+@register("swa", family="attention", paper="Beltagy et al., Longformer (2020); Jiang et al., Mistral 7B (2023); Ren et al., Samba (2024)")
+class SlidingWindowAttention(Attention):
+    """Sliding-window causal softmax attention with rotary positions; the state is the last window-1 tokens.
+
+    As ``attention``, but query t sees only tokens t-window+1 .. t:
+    y_t = W_o concat_heads(softmax(q_t K_{t-w+1..t}^T / sqrt(d)) V_{t-w+1..t}); the cache keeps
+    the last window-1 rotated keys and values, so memory is constant after window-1 tokens.
+    Local attention of Longformer (Beltagy et al. 2020), Mistral 7B (Jiang et al. 2023) and the
+    attention layers of Samba (Ren et al. 2024).
+
+    ``window`` (default 512) is settable after construction. Samba uses 2048 at a 4k training
+    length; 512 keeps the window well inside the few-hundred to few-thousand token sequences
+    of recur's probes, so the layer differs from full attention where it matters.
+    """
+
+    def __init__(self, d_model: int, mode: str | None = None, window: int = 512, **options):
+        super().__init__(d_model, mode, **options)
+        self.window = window
+
+    @property
+    def window(self) -> int:
+        return self._window
+
+    @window.setter
+    def window(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"window must be an int >= 1 (a query sees itself and window - 1 earlier tokens), got {value!r}")
+        self._window = value
+
+    def attention_window(self) -> int:
+        return self.window

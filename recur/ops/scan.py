@@ -1,0 +1,186 @@
+"""The diagonal linear scan, elementwise over every channel:
+
+    h_t = a_t * h_{t-1} + b_t          a_t = exp(log_a_t)
+
+    b:     [batch, time, *dims]        real or complex
+    log_a: broadcastable to b          [batch, time, *dims] per step (Mamba, minGRU),
+                                       [*dims] time-invariant (LRU's lambda, S4D), ...
+           real (<= 0) or complex (Re <= 0, so |a| <= 1)
+    h0:    [batch, *dims] or None (zeros)
+
+``diagonal_scan`` modes (equal to ``reference`` up to summation order):
+
+* ``reference``: the loop above; the oracle.
+* ``chunk``: a two-level scan. Time is cut into n chunks of ``chunk_size``. One Python
+  loop of chunk_size steps runs the recurrence inside every chunk at once from a zero
+  state, keeping the running product P of the decays since the chunk start; a second
+  loop of n steps passes the state between chunks; a fix-up adds each chunk's entering
+  state times P. Python steps: chunk_size + n instead of time.
+
+Numerics. Only products of decays are formed (|P| <= 1), never quotients: a decay that
+underflows to 0 inside a chunk just zeroes the entering state's contribution, as it should.
+Time-padding steps have a = 1 and b = 0, which leave the state unchanged.
+
+``log_space_scan`` is the parallel scan of Heinsen (2023), "Efficient Parallelization of
+a Ubiquitous Sequential Computation", for positive recurrences (minGRU, minLSTM): all in
+log space, one cumsum and one logcumsumexp.
+
+Low-precision inputs (float16/bfloat16) are computed in float32 and cast back.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from einops import rearrange
+
+MODES = ("reference", "chunk")
+
+_COMPLEX = {torch.float32: torch.complex64, torch.float64: torch.complex128}
+
+
+def diagonal_scan(
+    log_a: torch.Tensor,
+    b: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    *,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run h_t = exp(log_a_t) * h_{t-1} + b_t over time (dim 1); return (h, h_last).
+
+    h: [batch, time, *dims] (b's shape) and h_last: [batch, *dims]. The result is complex
+    if log_a, b or h0 is; its precision is b's (float32 for half-precision b).
+    """
+    if mode not in MODES:
+        raise ValueError(f"diagonal_scan mode must be one of {MODES}, got {mode!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check(log_a, b, h0)
+    real = b.real.dtype if b.is_complex() else b.dtype
+    work_real = torch.float32 if real in (torch.float16, torch.bfloat16) else real
+    is_complex = log_a.is_complex() or b.is_complex() or (h0 is not None and h0.is_complex())
+    work = _COMPLEX[work_real] if is_complex else work_real
+    out = work if is_complex else b.dtype
+
+    # log_a as [batch or 1, time or 1, *dims]: leading singleton dimensions made explicit.
+    log_a = log_a.to(_COMPLEX[work_real] if log_a.is_complex() else work_real)
+    log_a = log_a.reshape((1,) * (b.ndim - log_a.ndim) + tuple(log_a.shape))
+    b = b.to(work)
+    h = b.new_zeros(b.shape[:1] + b.shape[2:]) if h0 is None else h0.to(work)
+
+    if mode == "reference":
+        hs = _reference(log_a, b, h)
+    else:
+        hs = _chunked(log_a, b, h, chunk_size)
+    return hs.to(out), hs[:, -1].to(out)
+
+
+def _check(log_a, b, h0) -> None:
+    for name, t in (("log_a", log_a), ("b", b), ("h0", h0)):
+        if t is not None and (not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex())):
+            raise TypeError(f"diagonal_scan: {name} must be a floating-point or complex tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if b.ndim < 2:
+        raise ValueError(f"diagonal_scan: b must have shape [batch, time, *dims], got {tuple(b.shape)}")
+    try:
+        shape = torch.broadcast_shapes(log_a.shape, b.shape)
+    except RuntimeError:
+        shape = None
+    if shape != b.shape:
+        raise ValueError(f"diagonal_scan: log_a must broadcast to b's shape [batch, time, *dims]={tuple(b.shape)}, got {tuple(log_a.shape)}")
+    want = tuple(b.shape[:1] + b.shape[2:])
+    if h0 is not None and tuple(h0.shape) != want:
+        raise ValueError(f"diagonal_scan: h0 must have shape [batch, *dims]={want}, got {tuple(h0.shape)}")
+
+
+def _reference(log_a, b, h):
+    """The recurrence, one step at a time. log_a: [batch or 1, time or 1, *dims]."""
+    a = log_a.exp()
+    steps = a.unbind(1) if a.shape[1] > 1 else itertools.repeat(a[:, 0])
+    hs = []
+    for a_t, b_t in zip(steps, b.unbind(1)):
+        h = torch.addcmul(b_t, a_t, h)
+        hs.append(h)
+    return torch.stack(hs, dim=1)
+
+
+def _chunked(log_a, b, h0, chunk_size: int):
+    """Two-level scan: inside all chunks at once, then the carry across chunks, then a fix-up."""
+    T = b.shape[1]
+    C = min(chunk_size, T)  # a short call (T=1 stepping) needs no longer inner loop
+    n_chunks = math.ceil(T / C)
+    pad = n_chunks * C - T
+    log_a = log_a.expand(log_a.shape[0], T, *log_a.shape[2:])  # time-invariant decays: one per step
+    if pad:  # a = 1 and b = 0: padding steps leave the state unchanged
+        log_a = torch.cat([log_a, log_a.new_zeros(log_a.shape[0], pad, *log_a.shape[2:])], dim=1)
+        b = torch.cat([b, b.new_zeros(b.shape[0], pad, *b.shape[2:])], dim=1)
+    # Step-in-chunk first: a[j], b[j] are [batch, n_chunks, *dims], all chunks at step j.
+    a = rearrange(log_a.exp(), "b (n c) ... -> c b n ...", c=C)
+    b = rearrange(b, "b (n c) ... -> c b n ...", c=C)
+
+    # Level 1: every chunk from a zero state, all chunks at once, with the cumulative decay
+    # P_j = a_0 * ... * a_j since the chunk start (a running product: torch's CPU cumsum of
+    # log a is several times slower than the whole loop).
+    h, P = b[0], a[0]
+    local, decay = [h], [P]
+    for j in range(1, C):
+        h = torch.addcmul(b[j], a[j], h)
+        P = P * a[j]
+        local.append(h)
+        decay.append(P)
+    local, P = torch.stack(local), torch.stack(decay)  # [C, batch, n_chunks, *dims]
+
+    # Level 2: the state entering each chunk, sequential over chunks.
+    carry, entering = h0, []
+    for k in range(n_chunks):
+        entering.append(carry)
+        carry = torch.addcmul(local[-1, :, k], P[-1, :, k], carry)
+    entering = torch.stack(entering, dim=1)  # [batch, n_chunks, *dims]
+
+    hs = torch.addcmul(local, P, entering)  # broadcast over the step-in-chunk dimension
+    return rearrange(hs, "c b n ... -> b (n c) ...")[:, :T]
+
+
+def log_space_scan(
+    log_a: torch.Tensor,
+    log_b: torch.Tensor,
+    log_h0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive recurrence h_t = a_t h_{t-1} + b_t from log a, log b (and log h0); return (h, h_last).
+
+    log h_t = a*_t + log(h0 + sum_{s<=t} exp(log_b_s - a*_s)),  a*_t = sum_{s<=t} log_a_s,
+    i.e. a*_t + logaddexp(log_h0, logcumsumexp(log_b - a*)_t)  (Heinsen 2023).
+
+    log_b: [batch, time, *dims], finite (b > 0); log_a: broadcastable to it, finite, <= 0;
+    log_h0: [batch, *dims] or None (h0 = 0). log_h0 = -inf (h0 = 0) is exact, with finite
+    gradients (logaddexp's derivative in its -inf argument is 0). Accuracy: the two
+    terms a*_t and logcumsumexp grow like |a*_t| and cancel, so the relative error of h
+    is about |a*_t| * eps; fine in float64, a consideration in float32 for very long
+    sequences with strong decay.
+    """
+    for name, t in (("log_a", log_a), ("log_b", log_b), ("log_h0", log_h0)):
+        if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
+            raise TypeError(f"log_space_scan: {name} must be a real floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if log_b.ndim < 2:
+        raise ValueError(f"log_space_scan: log_b must have shape [batch, time, *dims], got {tuple(log_b.shape)}")
+    try:
+        shape = torch.broadcast_shapes(log_a.shape, log_b.shape)
+    except RuntimeError:
+        shape = None
+    if shape != log_b.shape:
+        raise ValueError(f"log_space_scan: log_a must broadcast to log_b's shape [batch, time, *dims]={tuple(log_b.shape)}, got {tuple(log_a.shape)}")
+    want = tuple(log_b.shape[:1] + log_b.shape[2:])
+    if log_h0 is not None and tuple(log_h0.shape) != want:
+        raise ValueError(f"log_space_scan: log_h0 must have shape [batch, *dims]={want}, got {tuple(log_h0.shape)}")
+
+    out = log_b.dtype
+    work = torch.float32 if out in (torch.float16, torch.bfloat16) else out
+    log_b = log_b.to(work)
+    a_star = log_a.to(work).expand(log_b.shape).cumsum(dim=1)
+    L = torch.logcumsumexp(log_b - a_star, dim=1)
+    if log_h0 is not None:
+        L = torch.logaddexp(log_h0.to(work).unsqueeze(1), L)
+    h = (a_star + L).exp()
+    return h.to(out), h[:, -1].to(out)

@@ -1,0 +1,173 @@
+"""The (gated) delta rule: the chunkwise WY form equals the sequential reference.
+
+Exactness checks run in float64, where modes differ only in summation order (~1e-14),
+so RTOL/ATOL leave orders of magnitude of headroom while catching any real mismatch.
+Keys are L2-normalised as the layers feed them (the rule is only contractive for |k| <= 1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recur.ops.delta import delta_rule
+
+RTOL, ATOL = 1e-8, 1e-10
+
+# beta regimes: typical, near 0, near 1, and up to 2 (negative eigenvalues of I - beta k k^T)
+BETAS = {"uniform": (0.0, 1.0), "near0": (0.0, 1e-6), "near1": (1 - 1e-6, 1.0), "upto2": (0.0, 2.0)}
+# log alpha per step: none (DeltaNet), typical, decay ~0 (underflows within a chunk), ~1
+DECAYS = {"none": None, "typical": (-1.0, 0.0), "near0": (-31.0, -29.0), "near1": (-2e-4, 0.0)}
+
+
+def inputs(B, H, T, Dk, Dv, beta="uniform", decay="typical", init=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=dtype)
+
+    q = torch.randn(B, H, T, Dk, generator=g, dtype=dtype)
+    k = F.normalize(torch.randn(B, H, T, Dk, generator=g, dtype=dtype), dim=-1)
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=dtype)
+    b = uniform(*BETAS[beta], B, H, T)
+    la = None if DECAYS[decay] is None else uniform(*DECAYS[decay], B, H, T)
+    S0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=dtype) if init else None
+    return q, k, v, b, la, S0
+
+
+def run(args, mode, chunk_size=64, seed=1):
+    """Output, final state and gradients of a loss touching both, w.r.t. every input."""
+    args = [None if a is None else a.clone().requires_grad_(True) for a in args]
+    o, S = delta_rule(*args, mode=mode, chunk_size=chunk_size)
+    g = torch.Generator().manual_seed(seed)
+    w_o, w_S = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (o, S))
+    loss = (o * w_o).sum() + (S * w_S).sum()
+    wrt = [a for a in args if a is not None]
+    return o.detach(), S.detach(), torch.autograd.grad(loss, wrt)
+
+
+def assert_modes_agree(args, chunk_size, rtol=RTOL, atol=ATOL):
+    o_ref, S_ref, g_ref = run(args, "reference")
+    o, S, g = run(args, "chunk", chunk_size)
+    torch.testing.assert_close(o, o_ref, rtol=rtol, atol=atol, msg=lambda m: f"output: {m}")
+    torch.testing.assert_close(S, S_ref, rtol=rtol, atol=atol, msg=lambda m: f"final state: {m}")
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"gradient of input {i}: {m}")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(1, 40), Dk=st.integers(1, 6), Dv=st.integers(1, 6),
+    chunk_size=st.sampled_from([1, 3, 4, 8, 16, 64]),
+    beta=st.sampled_from(sorted(BETAS)), decay=st.sampled_from(sorted(DECAYS)),
+    init=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_chunk_equals_reference_forward_and_gradients(B, H, T, Dk, Dv, chunk_size, beta, decay, init, seed):
+    assert_modes_agree(inputs(B, H, T, Dk, Dv, beta, decay, init, seed=seed), chunk_size)
+
+
+@pytest.mark.parametrize("decay", sorted(DECAYS))
+@pytest.mark.parametrize("init", [False, True])
+def test_single_step_chunk_equals_reference(decay, init):
+    assert_modes_agree(inputs(2, 3, 1, 4, 5, decay=decay, init=init), chunk_size=8)
+
+
+@pytest.mark.parametrize("decay", sorted(DECAYS))
+@pytest.mark.parametrize("T", [63, 64, 65, 130])
+def test_partial_last_chunk_equals_reference(decay, T):
+    assert_modes_agree(inputs(1, 2, T, 8, 8, decay=decay, seed=T), chunk_size=64)
+
+
+def test_reference_is_the_literal_recurrence():
+    """The lean loop equals S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T written out."""
+    q, k, v, b, la, S = inputs(2, 2, 9, 3, 4, beta="upto2")
+    o_ref, S_ref = delta_rule(q, k, v, b, la, S, mode="reference")
+    eye = torch.eye(3, dtype=q.dtype)
+    outs = []
+    for t in range(q.shape[2]):
+        kt, bt, at = k[:, :, t, :, None], b[:, :, t, None, None], la[:, :, t, None, None].exp()
+        S = at * (eye - bt * kt @ kt.transpose(-1, -2)) @ S + bt * kt @ v[:, :, t, None, :]
+        outs.append((S.transpose(-1, -2) @ q[:, :, t, :, None]).squeeze(-1))
+    torch.testing.assert_close(o_ref, torch.stack(outs, dim=2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S_ref, S, rtol=1e-12, atol=1e-12)
+
+
+def test_beta_one_overwrites_the_value_stored_at_a_unit_key():
+    """With alpha = 1, beta = 1 and |k| = 1, reading key k right after writing (k, v) returns v exactly."""
+    q, k, v, _, _, S0 = inputs(2, 3, 1, 6, 4)
+    o, S = delta_rule(k, k, v, torch.ones(2, 3, 1, dtype=k.dtype), None, S0, mode="reference")
+    torch.testing.assert_close(o, v, rtol=1e-12, atol=1e-12)
+    o, _ = delta_rule(k, k, v, torch.ones(2, 3, 1, dtype=k.dtype), None, S0, mode="chunk")
+    torch.testing.assert_close(o, v, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk"])
+def test_state_carry_is_exact(mode):
+    q, k, v, b, la, S0 = inputs(2, 2, 29, 4, 3)
+    o, S = delta_rule(q, k, v, b, la, S0, mode=mode, chunk_size=8)
+    for t in (1, 8, 13, 28):
+        o1, S1 = delta_rule(q[:, :, :t], k[:, :, :t], v[:, :, :t], b[:, :, :t], la[:, :, :t], S0, mode=mode, chunk_size=8)
+        o2, S2 = delta_rule(q[:, :, t:], k[:, :, t:], v[:, :, t:], b[:, :, t:], la[:, :, t:], S1, mode=mode, chunk_size=8)
+        torch.testing.assert_close(torch.cat([o1, o2], dim=2), o, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(S2, S, rtol=RTOL, atol=ATOL)
+
+
+def test_chunk_size_does_not_change_the_result():
+    args = inputs(1, 2, 50, 5, 3)
+    o, S = delta_rule(*args, mode="chunk", chunk_size=64)
+    for C in (1, 7, 16, 50):
+        o2, S2 = delta_rule(*args, mode="chunk", chunk_size=C)
+        torch.testing.assert_close(o2, o, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(S2, S, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("decay", ["near0", "near1"])
+def test_extreme_decays_stay_finite_and_accurate_in_float32(decay):
+    """log alpha = -30 per step underflows e^{g} within a chunk; -1e-4 keeps the whole history.
+
+    Both float32 modes stay finite and within float32 rounding of the float64 reference:
+    errors up to 1e-5 of the tensor's own scale (float32 eps is 1.2e-7; 150 steps of sums add
+    a few ulps each). Gradients use the largest gradient entry as scale: the gradient of
+    log alpha under decay ~0 is ~1e-12, a sum of O(1) terms that cancel, so float32 leaves
+    ~1e-7 of absolute noise there.
+    """
+    args = inputs(2, 2, 150, 8, 8, decay=decay, dtype=torch.float32)
+    o64, S64, g64 = run([None if a is None else a.double() for a in args], "reference")
+    scale = max(float(g.abs().max()) for g in g64)
+    for mode in ("reference", "chunk"):
+        o, S, grads = run(args, mode)
+        assert torch.isfinite(o).all() and torch.isfinite(S).all(), f"{mode}: non-finite forward"
+        assert all(torch.isfinite(g).all() for g in grads), f"{mode}: non-finite gradient"
+        torch.testing.assert_close(o.double(), o64, rtol=1e-5, atol=1e-5 * float(o64.abs().max()))
+        torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-5 * float(S64.abs().max()))
+        for i, (a, b) in enumerate(zip(grads, g64)):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{mode}, gradient {i}: {m}")
+
+
+def test_half_precision_is_computed_in_float32():
+    args = inputs(1, 2, 20, 4, 4, dtype=torch.float32)
+    o32, S32 = delta_rule(*args, mode="chunk", chunk_size=8)
+    o16, S16 = delta_rule(*(None if a is None else a.bfloat16() for a in args), mode="chunk", chunk_size=8)
+    assert o16.dtype == S16.dtype == torch.bfloat16
+    torch.testing.assert_close(o16.float(), o32, rtol=0.05, atol=0.05)  # bfloat16 inputs carry ~3 digits
+
+
+def test_bad_shapes_raise_naming_the_expected_shape():
+    q, k, v, b, la, S0 = inputs(2, 2, 5, 4, 3)
+    with pytest.raises(ValueError, match="d_k"):
+        delta_rule(q, k[..., :3], v, b)
+    with pytest.raises(ValueError, match=r"v must be \[batch=2"):
+        delta_rule(q, k, v[:, :, :4], b)
+    with pytest.raises(ValueError, match="beta"):
+        delta_rule(q, k, v, b[..., :4])
+    with pytest.raises(ValueError, match="log_alpha"):
+        delta_rule(q, k, v, b, la[:1])
+    with pytest.raises(ValueError, match=r"d_v=3"):
+        delta_rule(q, k, v, b, la, S0[..., :2])
+    with pytest.raises(ValueError, match="mode"):
+        delta_rule(q, k, v, b, mode="parallel")
+    with pytest.raises(ValueError, match="chunk_size"):
+        delta_rule(q, k, v, b, chunk_size=0)
