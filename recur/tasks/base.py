@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
@@ -131,6 +132,29 @@ def split_of(content: torch.Tensor) -> torch.Tensor:
         hashes.append(h)
     bucket = (hashes[0] * 31 + hashes[1]) % 1000
     return bucket < int(TEST_FRACTION * 1000)
+
+
+MAX_ROUNDS = 64  # rejection-sampling rounds before a split is declared too small
+
+
+def sample_rows_of_split(draw, n: int, split: str, content=None) -> torch.Tensor:
+    """Rejection sampling: draw candidate rows until ``n`` of them belong to ``split``.
+
+    ``draw(m)`` returns m candidate rows; ``content(rows)`` (default: the rows) is what
+    ``split_of`` hashes. Returns the first ``n`` kept rows, in drawing order.
+    """
+    want_test = split == "test"
+    keep_rate = TEST_FRACTION if want_test else 1.0 - TEST_FRACTION
+    kept, have = [], 0
+    for _ in range(MAX_ROUNDS):
+        rows = draw(math.ceil((n - have) / keep_rate * 1.2) + 8)
+        keep = split_of(rows if content is None else content(rows)) == want_test
+        kept.append(rows[keep])
+        have += int(keep.sum())
+        if have >= n:
+            return torch.cat(kept)[:n]
+    raise ValueError(f"could not draw {n} rows of the {split!r} split in {MAX_ROUNDS} rounds: the space of "
+                     f"sequences at this length is too small; use a longer seq_len")
 
 
 def describe_params(params: type[TaskParams]) -> str:
