@@ -125,13 +125,3 @@ def test_too_short_seq_len_is_a_value_error():
         task.batch(2, 19, gen(0))
     with pytest.raises(ValueError, match="split"):
         task.batch(2, 20, gen(0), split="val")
-
-
-def test_batch_of_64_by_256_is_fast():
-    import time
-
-    for name in ("passkey", "copy", "selective_copy", "mqar", "induction", "noisy_recall", "fuzzy_recall"):
-        task = get_task(name)
-        start = time.perf_counter()
-        task.batch(64, 256, gen(1), "train")
-        assert time.perf_counter() - start < 0.5, name

@@ -213,13 +213,3 @@ def test_too_short_seq_len_and_unknown_split_are_value_errors(name, params):
         task.batch(2, task.min_seq_len() - 1, gen(0))
     with pytest.raises(ValueError, match="split"):
         task.batch(2, 16, gen(0), "val")
-
-
-def test_batch_of_64_by_256_is_fast():
-    import time
-
-    task = get_task("word_problem", group="S5")
-    task.batch(64, 256, gen(0))  # warm the group cache
-    start = time.perf_counter()
-    task.batch(64, 256, gen(1), "test")
-    assert time.perf_counter() - start < 0.5
