@@ -1,0 +1,389 @@
+"""`recur ...`: a thin shell over the library (every command calls what a Python user would).
+
+    recur run --task mqar --model gla [--d-model 64] [--task-arg num_kv_pairs=8] [--json]
+    recur sweep grid.yaml [--workers 2]
+    recur bench [--quick]
+    recur report [--out recur-report]
+    recur tasks | recur models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from recur.config import RunConfig, SweepConfig, config_hash, config_problems
+from recur.results import DEFAULT_PATH, ResultStore
+
+DEFAULT_REPORT_DIR = "recur-report"
+
+
+class UsageError(ValueError):
+    """A bad command line or config: reported in one line, exit code 2."""
+
+
+# ------------------------------------------------------------------ value parsing
+def parse_value(text: str) -> Any:
+    """A command-line value: JSON (int, float, bool, null, list, object), Python's True/False/None, else a string."""
+    python = {"True": True, "False": False, "None": None}
+    if text in python:
+        return python[text]
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_assignments(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """``["a=1", "swa.window=64"]`` -> ``{"a": 1, "swa": {"window": 64}}``."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"bad {flag} {item!r}: expected KEY=VALUE, e.g. {flag} num_kv_pairs=8")
+        if "." in key:
+            outer, inner = key.split(".", 1)
+            if not outer or not inner or "." in inner:
+                raise UsageError(f"bad {flag} {item!r}: a dotted key is MODEL.OPTION, e.g. {flag} swa.window=64")
+            out.setdefault(outer, {})
+            if not isinstance(out[outer], dict):
+                raise UsageError(f"bad {flag} {item!r}: {outer!r} is both a value and a per-model group")
+            out[outer][inner] = parse_value(value)
+        else:
+            out[key] = parse_value(value)
+    return out
+
+
+def parse_lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,256, got {text!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive lengths such as 64,256, got {text!r}")
+    return lengths
+
+
+def _model_arg(text: str) -> str | list[str]:
+    """``gla`` or a pattern ``mamba,mamba,swa``."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected a model name, preset, or comma-separated pattern")
+    return names[0] if len(names) == 1 else names
+
+
+# ------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recur", description="Recurrent sequence models: train, sweep, benchmark, report.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="train one model on one task and record it",
+                         description="Train one model on one task, evaluate it at every eval length, record it "
+                                     "in the store (skipped if this exact config is already there).")
+    run.add_argument("--task", required=True, help="task name (see `recur tasks`)")
+    run.add_argument("--model", required=True, type=_model_arg,
+                     help="model name, preset, or comma-separated pattern such as mamba,mamba,swa (see `recur models`)")
+    # Options left out keep the RunConfig default (SUPPRESS: absent from the namespace).
+    fields = run.add_argument_group("run config (default: the RunConfig default)", argument_default=argparse.SUPPRESS)
+    fields.add_argument("--d-model", type=int, help="width (64)")
+    fields.add_argument("--n-layers", type=int, help="depth (2)")
+    fields.add_argument("--seq-len", type=int, help="training length (64)")
+    fields.add_argument("--eval-lengths", type=parse_lengths, help="comma-separated (seq_len,4*seq_len)")
+    fields.add_argument("--steps", type=int, help="(2000)")
+    fields.add_argument("--batch-size", type=int, help="(64)")
+    fields.add_argument("--lr", type=float, help="peak learning rate (1e-3)")
+    fields.add_argument("--weight-decay", type=float, help="(0.1)")
+    fields.add_argument("--warmup", type=float, help="fraction of steps if < 1, else steps (0.1)")
+    fields.add_argument("--grad-clip", type=parse_value, help="max gradient norm, or None (1.0)")
+    fields.add_argument("--seed", type=int, help="(0)")
+    fields.add_argument("--mlp", type=parse_value, help="swiglu, gelu or None (swiglu)")
+    fields.add_argument("--device", help="auto, cpu, cuda, ... (auto: cuda if available)")
+    fields.add_argument("--eval-batches", type=int, help="test batches per eval length (4)")
+    fields.add_argument("--early-stop", type=parse_value, help="training accuracy that stops the run, or None (0.99)")
+    fields.add_argument("--state-init", choices=["zeros", "noise"], help="initial training state (zeros)")
+    fields.add_argument("--state-noise-std", type=float, help="std of the noise initial state (1.0)")
+    fields.add_argument("--state-passing", action="store_true", help="carry the state from batch to batch")
+    run.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="task parameter (repeatable)")
+    run.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                     help="mixer option (repeatable); MODEL.KEY=VALUE for one model of a pattern")
+    run.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                     help="import a module first (it registers extra tasks or models)")
+    _db(run)
+    run.add_argument("--force", action="store_true", help="run even if this config is in the store (replaces it)")
+    run.add_argument("--json", action="store_true", help="print the result as one JSON line (last line of stdout)")
+    run.add_argument("--no-progress", action="store_true")
+
+    sweep = sub.add_parser("sweep", help="run a YAML grid of configs, resumably")
+    sweep.add_argument("file", type=Path)
+    sweep.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in this process)")
+    _db(sweep)
+
+    report = sub.add_parser("report", help="write the HTML report (and print the leaderboard)")
+    _db(report)
+    report.add_argument("--out", type=Path, default=Path(DEFAULT_REPORT_DIR), help="report directory")
+    report.add_argument("--json", action="store_true", help="print the leaderboard rows as one JSON line instead")
+
+    bench = sub.add_parser("bench", help="run the built-in benchmark suite, print the leaderboard, write the report")
+    _db(bench)
+    bench.add_argument("--out", type=Path, default=Path(DEFAULT_REPORT_DIR), help="report directory")
+    bench.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU cores, at most 4)")
+    bench.add_argument("--quick", action="store_true", help="a few steps at a tiny size: a smoke test")
+    bench.add_argument("--json", action="store_true", help="print the leaderboard rows as one JSON line instead")
+
+    tasks = sub.add_parser("tasks", help="list the tasks, their parameters and descriptions")
+    tasks.add_argument("--json", action="store_true")
+    models = sub.add_parser("models", help="list the registered models and layer patterns")
+    models.add_argument("--json", action="store_true")
+    return p
+
+
+def _db(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", type=Path, default=Path(DEFAULT_PATH), help=f"results store (default ./{DEFAULT_PATH})")
+
+
+# ------------------------------------------------------------------ commands
+_RUN_FIELDS = ("d_model", "n_layers", "seq_len", "eval_lengths", "steps", "batch_size", "lr", "weight_decay", "warmup",
+               "grad_clip", "seed", "mlp", "device", "eval_batches", "early_stop", "state_init", "state_noise_std",
+               "state_passing")
+
+
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
+    fields = {k: getattr(args, k) for k in _RUN_FIELDS if hasattr(args, k)}  # unset: the RunConfig default
+    fields.update(task=args.task, model=args.model,
+                  task_args=parse_assignments(args.task_arg, "--task-arg"),
+                  model_args=parse_assignments(args.model_arg, "--model-arg"))
+    try:
+        return RunConfig(**fields)
+    except ValidationError as e:
+        raise UsageError(f"bad run config: {config_problems(e)}") from None
+
+
+def cmd_run(args, out: Console, err: Console) -> int:
+    from recur.sweep import import_modules
+    from recur.train import ConfigError, RunResult, train
+
+    try:
+        import_modules(args.imports)
+    except ImportError as e:
+        raise UsageError(f"--import: {e}") from None
+    cfg = run_config_from_args(args)
+    h = config_hash(cfg)
+    with ResultStore(args.db) as store:
+        stored = store.get(h)
+        if stored is not None and not args.force:
+            err.print(f"config {h} is already in {args.db} (recorded {stored['created']}): showing it; "
+                      "--force runs it again")
+            summary = {k: stored[k] for k in ("task", "model", "seed", "params", "state_size", "train_seq_len",
+                                              "steps", "seconds", "metrics")}
+        else:
+            try:
+                result: RunResult = train(cfg, progress=not args.no_progress and not args.json)
+            except ConfigError:
+                raise
+            except Exception as e:  # noqa: BLE001 - nothing is written; say why in one line
+                err.print(f"recur run: the run failed, nothing was recorded: {type(e).__name__}: {e}",
+                          markup=False, highlight=False)
+                return 1
+            store.put(result)
+            summary = result.summary()
+            err.print(f"recorded run {h} in {args.db}")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_run(summary, h, out)
+    return 0
+
+
+def _print_run(summary: dict, h: str, out: Console) -> None:
+    t = Table(title=f"{summary['model']} on {summary['task']} (seed {summary['seed']}, run {h})", title_justify="left")
+    for col in ("eval length", "accuracy", "exact match"):
+        t.add_column(col, justify="right")
+    for n, m in summary["metrics"].items():
+        t.add_row(n, f"{m['accuracy']:.4f}", f"{m['exact_match']:.4f}")
+    out.print(t)
+    out.print(f"params {summary['params']:,}  state size {summary['state_size']:,} floats at T={summary['train_seq_len']}"
+              f"  steps {summary['steps']}  time {summary['seconds']:.1f} s")
+
+
+def _check_names(configs: list[RunConfig]) -> None:
+    """Fail before training anything if a task or model name of a sweep is unknown."""
+    from recur.registry import resolve_pattern
+    from recur.tasks.base import task_class
+
+    for cfg in configs:
+        task_class(cfg.task)
+        resolve_pattern(cfg.model)
+
+
+def _report_sweep(summary, err: Console) -> int:
+    err.print(f"{len(summary.done)} runs done, {summary.skipped} skipped, {len(summary.failed)} failed"
+              f" ({summary.seconds:.0f} s)")
+    return 1 if summary.failed else 0
+
+
+def cmd_sweep(args, out: Console, err: Console) -> int:
+    from recur.sweep import import_modules, run_sweep
+
+    if not args.file.exists():
+        raise UsageError(f"no such sweep file: {args.file}")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    try:
+        sweep = SweepConfig.from_yaml(args.file)
+        import_modules(sweep.imports)
+        configs = sweep.expand()
+        _check_names(configs)
+    except (ValueError, ImportError, OSError) as e:
+        raise UsageError(str(e)) from None
+    with ResultStore(args.db) as store:
+        summary = run_sweep(configs, store, workers=args.workers, imports=sweep.imports, console=err)
+    return _report_sweep(summary, err)
+
+
+def cmd_report(args, out: Console, err: Console) -> int:
+    from recur.report import build_report
+
+    if not args.db.exists():
+        raise UsageError(f"no results store at {args.db}: run `recur run`, `recur sweep` or `recur bench` first")
+    with ResultStore(args.db) as store:
+        _show_leaderboard(store.leaderboard(), args.json, out)
+        index = build_report(store, args.out)
+    (err if args.json else out).print(f"report written to {index}")
+    return 0
+
+
+def _show_leaderboard(rows: list[dict], as_json: bool, out: Console) -> None:
+    from recur.report import print_leaderboard
+
+    if as_json:
+        print(json.dumps(rows))
+    else:
+        print_leaderboard(rows, out)
+
+
+def cmd_bench(args, out: Console, err: Console) -> int:
+    from recur.report import build_report
+    from recur.suites import DEFAULT_SUITE, missing, quick
+    from recur.sweep import run_sweep
+
+    suite = quick(DEFAULT_SUITE) if args.quick else DEFAULT_SUITE
+    absent = missing(suite)
+    if absent["models"] or absent["tasks"]:
+        what = "; ".join(f"{kind} {', '.join(names)}" for kind, names in absent.items() if names)
+        raise UsageError(f"the default bench suite needs {what}, which are not registered in this install "
+                         "(see `recur models` and `recur tasks`)")
+    configs = suite.expand()
+    workers = args.workers if args.workers is not None else max(1, min(os.cpu_count() or 1, 4))
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    with ResultStore(args.db) as store:
+        summary = run_sweep(configs, store, workers=workers, console=err)
+        hashes = {config_hash(c) for c in configs}
+        index = build_report(store, args.out, hashes=hashes)
+        code = _report_sweep(summary, err)
+        _show_leaderboard(store.leaderboard(hashes=hashes), args.json, out)
+    (err if args.json else out).print(f"report written to {index}")
+    return code
+
+
+def cmd_tasks(args, out: Console, err: Console) -> int:
+    from recur.tasks.base import describe_params, list_tasks, task_class
+
+    rows = []
+    for name in list_tasks():
+        cls = task_class(name)
+        params = {k: {"type": getattr(f.annotation, "__name__", str(f.annotation)), "default": f.default,
+                      "description": f.description or ""} for k, f in cls.Params.model_fields.items()}
+        rows.append({"name": name, "params": params, "signature": describe_params(cls.Params),
+                     "description": cls.description})
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    t = Table(title="tasks (recur run --task NAME --task-arg KEY=VALUE)", title_justify="left", show_lines=True)
+    t.add_column("task", style="bold")
+    t.add_column("parameters")
+    t.add_column("description")
+    for r in rows:
+        params = "\n".join(f"{k}={v['default']!r}" + (f": {v['description']}" if v["description"] else "")
+                           for k, v in r["params"].items()) or "(none)"
+        t.add_row(r["name"], params, r["description"])
+    out.print(t)
+    return 0
+
+
+def _state_size_at_64(name: str) -> str:
+    import recur
+
+    try:
+        m = recur.build(name, d_model=64)
+        small, large = m.state_size(1024), m.state_size(2048)
+    except Exception as e:  # noqa: BLE001 - a listing shows what it can
+        return f"error: {e}"
+    return f"{small:,}" if small == large else f"{small:,} at T=1024 (grows)"
+
+
+def cmd_models(args, out: Console, err: Console) -> int:
+    import recur
+
+    rows = []
+    for name in recur.list_models():
+        info = recur.model_info(name)
+        rows.append({"name": name, "family": info.family, "paper": info.paper,
+                     "modes": list(getattr(info.cls, "modes", ())), "state_size_d64": _state_size_at_64(name)})
+    patterns = {k: list(v) for k, v in recur.list_patterns().items()}
+    if args.json:
+        print(json.dumps({"models": rows, "patterns": patterns}))
+        return 0
+    t = Table(title="models (recur run --model NAME)", title_justify="left")
+    for col in ("model", "family", "modes", "state size (d_model=64)", "paper"):
+        t.add_column(col, style="bold" if col == "model" else None)
+    for r in rows:
+        t.add_row(r["name"], r["family"], ", ".join(r["modes"]), r["state_size_d64"], r["paper"])
+    out.print(t)
+    if patterns:
+        p = Table(title="patterns (repeated to n_layers)", title_justify="left")
+        p.add_column("pattern", style="bold")
+        p.add_column("layers")
+        for k, v in patterns.items():
+            p.add_row(k, ", ".join(v))
+        out.print(p)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "bench": cmd_bench,
+            "tasks": cmd_tasks, "models": cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `recur` script; returns the exit code (2: bad usage or config)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage and the error
+        return int(e.code or 0)
+    out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+    if not out.is_terminal:  # piped: do not squeeze the leaderboard into 80 columns
+        out.width = max(out.width, 160)
+    from recur.train import ConfigError
+
+    try:
+        return COMMANDS[args.command](args, out, err)
+    except (UsageError, ConfigError) as e:
+        err.print(f"recur {args.command}: error: {e}", markup=False, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

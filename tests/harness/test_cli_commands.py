@@ -1,0 +1,114 @@
+"""`recur ...`: the JSON schema of `run`, skipping stored configs, clear errors (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recur.cli import main, parse_value
+from recur.results import ResultStore
+from recur import suites
+from recur.config import SweepConfig
+from recur.suites import DEFAULT_SUITE, missing
+
+TINY = ["--task", "harness_shift", "--model", "elman", "--d-model", "16", "--n-layers", "1", "--seq-len", "8",
+        "--steps", "5", "--batch-size", "8", "--eval-batches", "1", "--mlp", "None", "--device", "cpu"]
+
+
+def test_run_json_schema_then_skip_when_stored(db, capsys):
+    assert main(["run", *TINY, "--eval-lengths", "8,16", "--db", str(db), "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    obj = json.loads(out)
+    assert set(obj) == {"task", "model", "seed", "params", "state_size", "train_seq_len", "steps", "seconds", "metrics"}
+    assert (obj["task"], obj["model"], obj["seed"], obj["train_seq_len"], obj["steps"]) == ("harness_shift", "elman", 0, 8, 5)
+    assert isinstance(obj["params"], int) and obj["state_size"] == 16 and obj["seconds"] > 0
+    assert set(obj["metrics"]) == {"8", "16"}
+    assert all(set(m) == {"accuracy", "exact_match"} and 0 <= m["accuracy"] <= 1 for m in obj["metrics"].values())
+
+    assert main(["run", *TINY, "--eval-lengths", "8,16", "--db", str(db), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "already in" in captured.err and json.loads(captured.out.strip().splitlines()[-1]) == obj
+    with ResultStore(db) as store:
+        assert len(store) == 1
+
+
+def test_run_passes_task_and_model_args(db, capsys):
+    assert main(["run", *TINY, "--task-arg", "lag=2", "--task-arg", "vocab=4", "--db", str(db), "--json"]) == 0
+    with ResultStore(db) as store:
+        (run,) = store.all_runs()
+    assert run["config"]["task_args"] == {"lag": 2, "vocab": 4} and run["config"]["mlp"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "harness_shiftt", "--model", "elman"], "unknown task 'harness_shiftt'. Did you mean 'harness_shift'"),
+    (["--task", "harness_shift", "--model", "elmann"], "unknown model or pattern 'elmann'. Did you mean 'elman'"),
+    (["--task", "harness_shift", "--model", "elman", "--task-arg", "lag"], "bad --task-arg 'lag': expected KEY=VALUE"),
+    (["--task", "harness_shift", "--model", "elman", "--task-arg", "lag=zero"], "bad parameters for task 'harness_shift': lag"),
+    (["--task", "harness_shift", "--model", "elman", "--task-arg", "colour=1"], "colour: Extra inputs are not permitted"),
+    (["--task", "harness_shift", "--model", "elman", "--model-arg", "nope=1"], "bad model_args {'nope': 1} for model 'elman'"),
+    (["--task", "harness_shift", "--model", "elman", "--steps", "0"], "bad run config: steps"),
+    (["--task", "harness_shift", "--model", "elman", "--seq-len", "3"], "needs seq_len >= 5, got 3"),
+])
+def test_bad_names_and_arguments_exit_2_with_a_clear_message(db, capsys, argv, message):
+    assert main(["run", *argv, "--db", str(db)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not db.exists() or len(ResultStore(db)) == 0
+
+
+def test_argparse_errors_exit_2(capsys):
+    assert main(["run", "--task", "parity"]) == 2
+    assert main(["run", "--task", "parity", "--model", "lstm", "--eval-lengths", "a,b"]) == 2
+    assert "expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_parse_value():
+    assert [parse_value(v) for v in ("3", "0.5", "1e-3", "true", "False", "None", "[1,2]", "gla")] == \
+        [3, 0.5, 1e-3, True, False, None, [1, 2], "gla"]
+
+
+def test_tasks_and_models_listings(capsys):
+    assert main(["tasks", "--json"]) == 0
+    tasks = {t["name"]: t for t in json.loads(capsys.readouterr().out)}
+    assert tasks["harness_shift"]["params"]["lag"]["default"] == 1 and tasks["harness_shift"]["description"]
+    assert main(["models", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    elman = next(m for m in listing["models"] if m["name"] == "elman")
+    assert elman["family"] and elman["paper"] and elman["modes"] == ["recurrent"] and elman["state_size_d64"] == "64"
+    assert main(["models"]) == 0 and "elman" in capsys.readouterr().out
+
+
+def test_report_command(db, tmp_path, capsys):
+    assert main(["report", "--db", str(db)]) == 2  # no store yet
+    assert main(["run", *TINY, "--db", str(db), "--json"]) == 0
+    assert main(["report", "--db", str(db), "--out", str(tmp_path / "rep")]) == 0
+    assert f"report written to {tmp_path / 'rep' / 'index.html'}" in capsys.readouterr().out
+    assert (tmp_path / "rep" / "index.html").exists()
+
+
+def test_bench_quick(tmp_path, capsys):
+    absent = missing(DEFAULT_SUITE)
+    argv = ["bench", "--quick", "--db", str(tmp_path / "b.sqlite"), "--out", str(tmp_path / "rep"), "--workers", "1"]
+    code = main(argv)
+    captured = capsys.readouterr()
+    if absent["models"] or absent["tasks"]:
+        # Until every model and task of the suite is registered, bench fails clearly, before any run.
+        assert code == 2
+        for name in absent["models"] + absent["tasks"]:
+            assert name in captured.err
+        assert "not registered" in captured.err and not (tmp_path / "b.sqlite").exists()
+    else:
+        assert code == 0, captured.err
+        assert "report written to" in captured.out and (tmp_path / "rep" / "index.html").exists()
+        with ResultStore(tmp_path / "b.sqlite") as store:
+            assert len(store) == len(DEFAULT_SUITE.models) * len(DEFAULT_SUITE.tasks)
+
+
+def test_bench_names_unregistered_models_and_tasks_and_runs_nothing(tmp_path, monkeypatch, capsys):
+    suite = SweepConfig.model_validate({"models": ["elman", "not_a_model"], "tasks": ["harness_shift", "not_a_task"]})
+    monkeypatch.setattr(suites, "DEFAULT_SUITE", suite)
+    assert main(["bench", "--db", str(tmp_path / "b.sqlite"), "--out", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert "needs models not_a_model; tasks not_a_task, which are not registered" in err and "Traceback" not in err
+    assert not (tmp_path / "b.sqlite").exists()

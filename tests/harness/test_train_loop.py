@@ -1,0 +1,84 @@
+"""train(): the schedule, seeding, early stop, evaluation at every length, the interventions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from harness_tasks import tiny
+
+from recur.models.lm import CausalLM
+from recur.train import ConfigError, build, lr_factor, make_optimizer, noise_state, train
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_as_a_cosine():
+    steps, warmup = 100, 10
+    f = [lr_factor(s, steps, warmup, 0.1) for s in range(steps)]
+    assert f[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert f[warmup] == pytest.approx(1.0) and f[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[warmup:], f[warmup + 1:]))  # monotone decay
+    mid = warmup + (steps - 1 - warmup) / 2
+    assert lr_factor(int(mid), steps, warmup, 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * int(mid - warmup) / 89)))
+    assert lr_factor(0, 10, 0) == 1.0  # no warm-up: start at the peak
+
+
+def test_optimizer_follows_the_schedule():
+    cfg = tiny(steps=20, warmup=0.25, lr=0.1)
+    _, model = build(cfg)
+    opt, sched = make_optimizer(model, cfg)
+    lrs = []
+    for _ in range(cfg.steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[4] == pytest.approx(0.1) and lrs[0] == pytest.approx(0.02) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert all(p.ndim >= 2 for p in model.parameters() if id(p) in decayed)
+
+
+def test_train_learns_a_tiny_task_and_reports_every_length():
+    cfg = tiny(steps=300, d_model=32, early_stop=0.99)
+    result = train(cfg, progress=False)
+    assert set(result.metrics) == {"8", "32"}
+    assert all(set(m) == {"accuracy", "exact_match"} for m in result.metrics.values())
+    assert result.metrics["8"]["accuracy"] > 0.9  # chance is 1/8
+    assert result.early_stopped and result.steps < 300
+    _, model = build(cfg)
+    assert result.params == sum(p.numel() for p in model.parameters()) and result.state_size == 32
+    assert result.seconds > 0 and result.train_seq_len == 8
+
+
+def test_train_is_deterministic_given_the_seed():
+    a, b = train(tiny(steps=8), progress=False), train(tiny(steps=8), progress=False)
+    c = train(tiny(steps=8, seed=1), progress=False)
+    assert a.metrics == b.metrics and a.train_loss == b.train_loss
+    assert c.train_loss != a.train_loss
+
+
+def test_noise_state_fills_floats_and_keeps_counters_and_kv_caches():
+    torch.manual_seed(0)
+    model = CausalLM(8, 16, 2, pattern=["elman", "attention"])
+    state = noise_state(model, 3, 0.5, torch.Generator().manual_seed(0), "cpu")
+    h = state["layer0"]["h"]
+    assert h.shape == (3, 16) and 0.3 < h.std() < 0.7
+    assert state["layer1"]["k"].shape[2] == 0 and (state["layer1"]["pos"] == 0).all()
+    model(torch.zeros(3, 5, dtype=torch.long), state)  # a valid initial state
+
+
+@pytest.mark.parametrize("change", [{"state_init": "noise", "state_noise_std": 0.5}, {"state_passing": True}])
+def test_interventions_train_and_change_the_run(change):
+    base = train(tiny(steps=6), progress=False)
+    other = train(tiny(steps=6, **change), progress=False)
+    assert other.steps == 6 and other.train_loss != base.train_loss
+
+
+def test_bad_configs_raise_config_errors_before_training():
+    with pytest.raises(ConfigError, match="Did you mean 'elman'"):
+        train(tiny(model="elmann"), progress=False)
+    with pytest.raises(ConfigError, match="unexpected keyword argument"):
+        train(tiny(model_args={"nope": 1}), progress=False)
+    with pytest.raises(ConfigError, match="needs seq_len >= 5"):
+        train(tiny(eval_lengths=[4, 8]), progress=False)
+    with pytest.raises(ConfigError, match="growing KV cache"):
+        train(tiny(model="attention", state_passing=True), progress=False)
