@@ -58,7 +58,7 @@ def diagonal_scan(
         raise ValueError(f"diagonal_scan mode must be one of {MODES}, got {mode!r}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    _check(log_a, b, h0)
+    _check("diagonal_scan", log_a, b, h0)
     real = b.real.dtype if b.is_complex() else b.dtype
     work_real = torch.float32 if real in (torch.float16, torch.bfloat16) else real
     is_complex = log_a.is_complex() or b.is_complex() or (h0 is not None and h0.is_complex())
@@ -78,21 +78,25 @@ def diagonal_scan(
     return hs.to(out), hs[:, -1].to(out)
 
 
-def _check(log_a, b, h0) -> None:
-    for name, t in (("log_a", log_a), ("b", b), ("h0", h0)):
-        if t is not None and (not isinstance(t, torch.Tensor) or not (t.is_floating_point() or t.is_complex())):
-            raise TypeError(f"diagonal_scan: {name} must be a floating-point or complex tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+def _check(op: str, log_a, b, h0, names=("log_a", "b", "h0"), allow_complex: bool = True) -> None:
+    """Types and shapes of a scan's inputs: b [batch, time, *dims], log_a broadcast to it, h0 [batch, *dims]."""
+    kind = "floating-point or complex" if allow_complex else "real floating-point"
+    for name, t in zip(names, (log_a, b, h0)):
+        if t is not None and (not isinstance(t, torch.Tensor)
+                              or not (t.is_floating_point() or (allow_complex and t.is_complex()))):
+            raise TypeError(f"{op}: {name} must be a {kind} tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    a_name, b_name, h_name = names
     if b.ndim < 2:
-        raise ValueError(f"diagonal_scan: b must have shape [batch, time, *dims], got {tuple(b.shape)}")
+        raise ValueError(f"{op}: {b_name} must have shape [batch, time, *dims], got {tuple(b.shape)}")
     try:
         shape = torch.broadcast_shapes(log_a.shape, b.shape)
     except RuntimeError:
         shape = None
     if shape != b.shape:
-        raise ValueError(f"diagonal_scan: log_a must broadcast to b's shape [batch, time, *dims]={tuple(b.shape)}, got {tuple(log_a.shape)}")
+        raise ValueError(f"{op}: {a_name} must broadcast to {b_name}'s shape [batch, time, *dims]={tuple(b.shape)}, got {tuple(log_a.shape)}")
     want = tuple(b.shape[:1] + b.shape[2:])
     if h0 is not None and tuple(h0.shape) != want:
-        raise ValueError(f"diagonal_scan: h0 must have shape [batch, *dims]={want}, got {tuple(h0.shape)}")
+        raise ValueError(f"{op}: {h_name} must have shape [batch, *dims]={want}, got {tuple(h0.shape)}")
 
 
 def _reference(log_a, b, h):
@@ -160,20 +164,7 @@ def log_space_scan(
     is about |a*_t| * eps; fine in float64, a consideration in float32 for very long
     sequences with strong decay.
     """
-    for name, t in (("log_a", log_a), ("log_b", log_b), ("log_h0", log_h0)):
-        if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
-            raise TypeError(f"log_space_scan: {name} must be a real floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
-    if log_b.ndim < 2:
-        raise ValueError(f"log_space_scan: log_b must have shape [batch, time, *dims], got {tuple(log_b.shape)}")
-    try:
-        shape = torch.broadcast_shapes(log_a.shape, log_b.shape)
-    except RuntimeError:
-        shape = None
-    if shape != log_b.shape:
-        raise ValueError(f"log_space_scan: log_a must broadcast to log_b's shape [batch, time, *dims]={tuple(log_b.shape)}, got {tuple(log_a.shape)}")
-    want = tuple(log_b.shape[:1] + log_b.shape[2:])
-    if log_h0 is not None and tuple(log_h0.shape) != want:
-        raise ValueError(f"log_space_scan: log_h0 must have shape [batch, *dims]={want}, got {tuple(log_h0.shape)}")
+    _check("log_space_scan", log_a, log_b, log_h0, names=("log_a", "log_b", "log_h0"), allow_complex=False)
 
     out = log_b.dtype
     work = torch.float32 if out in (torch.float16, torch.bfloat16) else out
