@@ -13,6 +13,8 @@ class validates inputs and states so every mixer fails the same clear way.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -21,7 +23,7 @@ from recur.state import State
 MODES = ("recurrent", "chunk", "parallel", "conv")
 
 
-class Mixer(nn.Module):
+class Mixer(nn.Module, ABC):
     """Base class of every sequence mixer."""
 
     name: str = "mixer"  # set by @register
@@ -66,11 +68,13 @@ class Mixer(nn.Module):
             self.check_state(state, x)
         return self._forward(x, state)
 
+    @abstractmethod
     def _forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        raise NotImplementedError(f"{type(self).__name__} must implement _forward")
+        """The mixer's computation on validated input and state: returns (y, new state)."""
 
+    @abstractmethod
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
-        raise NotImplementedError(f"{type(self).__name__} must implement init_state")
+        """The zero state for ``batch_size`` sequences, in the dtype the forward returns for ``dtype``."""
 
     def state_size(self, seq_len: int) -> int:
         """Floats of memory per sequence after ``seq_len`` tokens (constant for recurrent mixers)."""

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import difflib
+from abc import ABC, abstractmethod
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
@@ -49,7 +50,7 @@ class TaskParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class Task:
+class Task(ABC):
     """Base class of the synthetic probe tasks."""
 
     name: ClassVar[str]
@@ -66,11 +67,13 @@ class Task:
 
     # -- to implement ---------------------------------------------------------
     @property
+    @abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Number of token ids the task uses (inputs and targets lie in [0, vocab_size))."""
 
+    @abstractmethod
     def batch(self, n: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:
-        raise NotImplementedError
+        """``n`` sequences of ``seq_len`` tokens of ``split``, drawn with ``generator`` only."""
 
     def min_seq_len(self) -> int:
         """The shortest sequence this configuration can be laid out in."""

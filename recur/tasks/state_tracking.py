@@ -21,6 +21,7 @@ least 256 distinct sequences, so the test split is never empty.
 from __future__ import annotations
 
 import functools
+from abc import abstractmethod
 import itertools
 import math
 import re
@@ -43,12 +44,13 @@ class _StateTracking(Task):
     Params = StateTrackingParams
 
     @property
+    @abstractmethod
     def num_tokens(self) -> int:
-        raise NotImplementedError
+        """Size of the input alphabet (and of the state space)."""
 
+    @abstractmethod
     def prefix_states(self, inputs: torch.Tensor) -> torch.Tensor:
         """int64 [n, T] -> int64 [n, T]: the state after each prefix."""
-        raise NotImplementedError
 
     @property
     def vocab_size(self) -> int:
