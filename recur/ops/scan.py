@@ -127,20 +127,22 @@ def _chunked(log_a, b, h0, chunk_size: int):
     # Level 1: every chunk from a zero state, all chunks at once, with the cumulative decay
     # P_j = a_0 * ... * a_j since the chunk start (a running product: torch's CPU cumsum of
     # log a is several times slower than the whole loop).
-    h, P = b[0], a[0]
+    # unbind, not a[j]: indexing inside the loop makes autograd zero-fill a full-size
+    # gradient per step (quadratic backward); unbind's backward is one stack.
+    a_steps, b_steps = a.unbind(0), b.unbind(0)
+    h, P = b_steps[0], a_steps[0]
     local, decay = [h], [P]
     for j in range(1, C):
-        h = torch.addcmul(b[j], a[j], h)
-        P = P * a[j]
+        h = torch.addcmul(b_steps[j], a_steps[j], h)
+        P = P * a_steps[j]
         local.append(h)
         decay.append(P)
-    local, P = torch.stack(local), torch.stack(decay)  # [C, batch, n_chunks, *dims]
-
     # Level 2: the state entering each chunk, sequential over chunks.
     carry, entering = h0, []
-    for k in range(n_chunks):
+    for last_h, last_P in zip(h.unbind(1), P.unbind(1)):
         entering.append(carry)
-        carry = torch.addcmul(local[-1, :, k], P[-1, :, k], carry)
+        carry = torch.addcmul(last_h, last_P, carry)
+    local, P = torch.stack(local), torch.stack(decay)  # [C, batch, n_chunks, *dims]
     entering = torch.stack(entering, dim=1)  # [batch, n_chunks, *dims]
 
     hs = torch.addcmul(local, P, entering)  # broadcast over the step-in-chunk dimension
