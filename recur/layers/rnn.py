@@ -46,8 +46,8 @@ class Elman(Mixer):
         u = x @ self.weight_ih.T + (self.bias_ih + self.bias_hh)  # [batch, time, d]
         h, ys = state["h"], []
         w_hh = self.weight_hh.T
-        for t in range(x.shape[1]):
-            h = torch.tanh(u[:, t] + h @ w_hh)
+        for u_t in u.unbind(1):  # unbind: indexing u[:, t] would make backward quadratic in T
+            h = torch.tanh(u_t + h @ w_hh)
             ys.append(h)
         return torch.stack(ys, dim=1), State(h=h)
 
@@ -155,8 +155,8 @@ class LSTM(_TorchLayoutCell):
         u = x @ self.weight_ih.T + (self.bias_ih + self.bias_hh)  # [batch, time, 4d]
         h, c, ys = state["h"], state["c"], []
         w_hh = self.weight_hh.T
-        for t in range(x.shape[1]):
-            i, f, g, o = torch.addmm(u[:, t], h, w_hh).chunk(4, dim=-1)
+        for u_t in u.unbind(1):
+            i, f, g, o = torch.addmm(u_t, h, w_hh).chunk(4, dim=-1)
             c = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
             h = torch.sigmoid(o) * torch.tanh(c)
             ys.append(h)
@@ -184,8 +184,8 @@ class GRU(_TorchLayoutCell):
         u = x @ self.weight_ih.T + self.bias_ih  # [batch, time, 3d]
         h, ys = state["h"], []
         w_hh, b_hh = self.weight_hh.T, self.bias_hh
-        for t in range(x.shape[1]):
-            u_t, v_t = u[:, t], torch.addmm(b_hh, h, w_hh)
+        for u_t in u.unbind(1):
+            v_t = torch.addmm(b_hh, h, w_hh)
             r, z = torch.sigmoid(u_t[:, : 2 * d] + v_t[:, : 2 * d]).chunk(2, dim=-1)
             n = torch.tanh(torch.addcmul(u_t[:, 2 * d :], r, v_t[:, 2 * d :]))
             h = torch.lerp(n, h, z)  # (1 - z) * n + z * h

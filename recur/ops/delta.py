@@ -82,12 +82,14 @@ def _reference(q, k, v, beta, log_alpha, S):
     bk = beta[..., None] * k
     alpha = None if log_alpha is None else log_alpha.exp()
     outs = []
-    for t in range(q.shape[2]):
-        if alpha is not None:
-            S = alpha[:, :, t, None, None] * S
-        read = (k[:, :, t, None, :] @ S).squeeze(-2)  # S^T k_t: [batch, heads, d_v]
-        S = S + bk[:, :, t, :, None] * (v[:, :, t, None, :] - read[:, :, None, :])
-        outs.append((q[:, :, t, None, :] @ S).squeeze(-2))
+    # unbind over time: indexing inside the loop would make backward quadratic in T
+    alphas = [None] * q.shape[2] if alpha is None else alpha.unbind(2)
+    for q_t, k_t, v_t, bk_t, a_t in zip(q.unbind(2), k.unbind(2), v.unbind(2), bk.unbind(2), alphas):
+        if a_t is not None:
+            S = a_t[:, :, None, None] * S
+        read = (k_t[:, :, None, :] @ S).squeeze(-2)  # S^T k_t: [batch, heads, d_v]
+        S = S + bk_t[:, :, :, None] * (v_t[:, :, None, :] - read[:, :, None, :])
+        outs.append((q_t[:, :, None, :] @ S).squeeze(-2))
     return torch.stack(outs, dim=2), S
 
 
@@ -133,10 +135,11 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
 
     # Only the state crosses chunks: a loop over n chunks of small matmuls.
     states = []
-    for c in range(n):
+    chunks = zip(U0.unbind(2), W.unbind(2), g_last.exp().unbind(2), k_dec.unbind(2))
+    for U0_c, W_c, decay_c, k_dec_c in chunks:
         states.append(S)
-        U = U0[:, :, c] - W[:, :, c] @ S
-        S = g_last[:, :, c, :, None].exp() * S + k_dec[:, :, c].transpose(-1, -2) @ U
+        U = U0_c - W_c @ S
+        S = decay_c[:, :, :, None] * S + k_dec_c.transpose(-1, -2) @ U
     Sc = torch.stack(states, dim=2)  # state entering each chunk: [b, h, n, d_k, d_v]
     o = q_dec @ Sc + P @ (U0 - W @ Sc)
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]

@@ -135,9 +135,9 @@ def _chunked(q, k, v, g, S, chunk_size: int):
     update = (k * (c_last - c).exp()).transpose(-1, -2) @ v  # [b, h, n, d_k, d_v]
     decay = c_last.exp().transpose(-1, -2)  # [b, h, n, G, 1]: total decay over the chunk
     entering = []
-    for n in range(n_chunks):
+    for decay_n, update_n in zip(decay.unbind(2), update.unbind(2)):  # unbind: linear-cost backward
         entering.append(S)
-        S = decay[:, :, n] * S + update[:, :, n]
+        S = decay_n * S + update_n
     entering = torch.stack(entering, dim=2)  # state before each chunk: [b, h, n, d_k, d_v]
     o = o + (q * c.exp()) @ entering
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]

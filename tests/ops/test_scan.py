@@ -235,7 +235,12 @@ def linear_reference(log_a, log_b, log_h0=None):
 )
 def test_log_space_equals_reference_forward_and_gradients(B, T, dims, form, decay, h0, seed):
     args = log_inputs(B, T, dims, form, decay, h0, seed=seed)
-    assert_same(run(log_space_scan, args), run(linear_reference, args))
+    # Heinsen's form adds and subtracts a*_t = cumsum(log a), so its absolute error is
+    # about |a*| * eps (the op's docstring): the absolute tolerance scales with max |a*|
+    # (a factor 1 for typical decays, ~1e3 for log a = -30 over 40 steps, still ~1e-7).
+    log_a = args[0]
+    cum = log_a.expand(B, T, *dims).cumsum(1).abs().max().item() if T else 0.0
+    assert_same(run(log_space_scan, args), run(linear_reference, args), atol=ATOL * max(1.0, cum))
 
 
 @pytest.mark.parametrize("decay", sorted(DECAYS))
