@@ -160,6 +160,27 @@ def sample_rows_of_split(draw, n: int, split: str, content=None) -> torch.Tensor
                      f"sequences at this length is too small; use a longer seq_len")
 
 
+def distinct_rows(m: int, k: int, high: int, generator: torch.Generator) -> torch.Tensor:
+    """``m`` rows of ``k`` distinct integers in [0, high), uniform over ordered k-tuples.
+
+    Few draws relative to ``high``: draw with replacement and redraw every repeat of an
+    earlier value until none is left. That procedure commutes with relabelling the values,
+    and the distinct tuples are one orbit under relabelling, so the result is uniform.
+    Otherwise: the first k entries of random permutations.
+    """
+    if 4 * k > high:
+        return torch.rand(m, high, generator=generator).argsort(dim=1)[:, :k]
+    x = torch.randint(high, (m, k), generator=generator)
+    while True:
+        values, order = x.sort(dim=1, stable=True)  # equal values keep their positions' order
+        repeat_sorted = torch.zeros_like(x, dtype=torch.bool)
+        repeat_sorted[:, 1:] = values[:, 1:] == values[:, :-1]
+        repeat = torch.zeros_like(repeat_sorted).scatter_(1, order, repeat_sorted)
+        if not repeat.any():
+            return x
+        x[repeat] = torch.randint(high, (int(repeat.sum()),), generator=generator)
+
+
 def describe_params(params: type[TaskParams]) -> str:
     """``name: type = default`` for every parameter, for error messages and `recur tasks`."""
     parts = []

@@ -23,8 +23,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field, model_validator
 
-from recur.tasks.base import Batch, Task, TaskParams, register_task, sample_rows_of_split
-from recur.tasks.set_disjointness import distinct_rows
+from recur.tasks.base import Batch, Task, TaskParams, distinct_rows, register_task, sample_rows_of_split
 
 BLANK, MARK = 0, 1
 FIRST_DATA = 2

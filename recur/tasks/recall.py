@@ -28,8 +28,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from recur.tasks.base import Batch, Task, TaskParams, register_task, sample_rows_of_split
-from recur.tasks.set_disjointness import distinct_rows
+from recur.tasks.base import Batch, Task, TaskParams, distinct_rows, register_task, sample_rows_of_split
 
 PAD = 0
 _MIN_SPACE = 256  # distinct sequences the shortest length must hold, so the test split is not empty

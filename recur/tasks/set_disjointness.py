@@ -11,7 +11,7 @@ synthetic/zoology/data/non_autoreg.py (``disjoint_sets``, output mode ``intersec
 V = 2048): A and B are random distinct tokens from disjoint halves of the vocabulary,
 then one token of A overwrites a random position of B, so the sets share exactly one
 token; only the position of the answer marker is supervised. Here A ‖ B is a uniform
-random tuple of |A| + |B| distinct tokens of [4, V) (``distinct_rows``), the same
+random tuple of |A| + |B| distinct tokens of [4, V) (``base.distinct_rows``), the same
 distribution, without the half-vocabulary cap (|A| + |B| <= V - 4 instead of each at
 most half). ``jrt`` is the JRT-Prompt of the paper: the whole context repeated before
 the question.
@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from recur.tasks.base import Batch, Task, TaskParams, register_task, sample_rows_of_split
+from recur.tasks.base import Batch, Task, TaskParams, distinct_rows, register_task, sample_rows_of_split
 
 PAD, START_A, START_B, ASK = 0, 1, 2, 3
 FIRST_SET_TOKEN = 4
@@ -49,27 +49,6 @@ class SetDisjointnessParams(TaskParams):
             raise ValueError(f"size_a + size_b = {self.size_a + self.size_b} distinct tokens do not fit in the "
                              f"{self.vocab_size - FIRST_SET_TOKEN} set tokens of vocab_size={self.vocab_size}")
         return self
-
-
-def distinct_rows(m: int, k: int, high: int, generator: torch.Generator) -> torch.Tensor:
-    """``m`` rows of ``k`` distinct integers in [0, high), uniform over ordered k-tuples.
-
-    Few draws relative to ``high``: draw with replacement and redraw every repeat of an
-    earlier value until none is left. That procedure commutes with relabelling the values,
-    and the distinct tuples are one orbit under relabelling, so the result is uniform.
-    Otherwise: the first k entries of random permutations.
-    """
-    if 4 * k > high:
-        return torch.rand(m, high, generator=generator).argsort(dim=1)[:, :k]
-    x = torch.randint(high, (m, k), generator=generator)
-    while True:
-        values, order = x.sort(dim=1, stable=True)  # equal values keep their positions' order
-        repeat_sorted = torch.zeros_like(x, dtype=torch.bool)
-        repeat_sorted[:, 1:] = values[:, 1:] == values[:, :-1]
-        repeat = torch.zeros_like(repeat_sorted).scatter_(1, order, repeat_sorted)
-        if not repeat.any():
-            return x
-        x[repeat] = torch.randint(high, (int(repeat.sum()),), generator=generator)
 
 
 @register_task

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recur.tasks import get_task, split_of
-from recur.tasks.set_disjointness import distinct_rows
+from recur.tasks.base import distinct_rows
 
 CONFIGS = [
     {},
