@@ -1,4 +1,4 @@
-"""Pieces shared by several mixers: the short causal convolution and rotary positions."""
+"""Pieces shared by several mixers: the short causal convolution, token shift, rotary positions, head counts."""
 
 from __future__ import annotations
 
@@ -38,6 +38,16 @@ class ShortConv(nn.Module):
         if self.activation == "silu":
             y = F.silu(y)
         return y, xx[:, -(self.kernel_size - 1) :]
+
+
+def token_shift(x: torch.Tensor, last: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The previous token's input at every step (RWKV's token shift, a width-2 causal conv).
+
+    x: [batch, time, channels]; last: [batch, channels], the input before x[:, 0] (zeros at the
+    start). Returns (x_prev [batch, time, channels], the new last = x[:, -1]).
+    """
+    x_prev = torch.cat([last.unsqueeze(1).to(x.dtype), x[:, :-1]], dim=1)
+    return x_prev, x[:, -1]
 
 
 def rotary(x: torch.Tensor, positions: torch.Tensor, base: float = 10000.0) -> torch.Tensor:

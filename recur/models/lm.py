@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.registry import build, list_models, resolve_pattern
+from recur.registry import build, list_models, model_info, resolve_pattern
 from recur.state import State
 
 
@@ -73,6 +74,13 @@ def _mixer_kwargs(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]
     return {**flat, **dict(config.get(name, {}) if isinstance(config.get(name), Mapping) else {})}
 
 
+def _depth_kwargs(name: str, layer_idx: int, n_layers: int) -> dict[str, int]:
+    """``layer_idx`` and ``n_layers`` for mixers whose constructor takes them (HGRN's
+    forget-gate lower bound grows with depth); nothing for the others."""
+    params = inspect.signature(model_info(name).cls.__init__).parameters
+    return {"layer_idx": layer_idx, "n_layers": n_layers} if {"layer_idx", "n_layers"} <= set(params) else {}
+
+
 class Backbone(nn.Module):
     """A stack of Blocks whose mixers follow ``pattern`` repeated to ``n_layers``.
 
@@ -90,8 +98,9 @@ class Backbone(nn.Module):
         self.layer_names = [names[i % len(names)] for i in range(n_layers)]
         self.d_model = d_model
         self.blocks = nn.ModuleList(
-            Block(build(n, d_model=d_model, **_mixer_kwargs(n, mixer_config)), mlp=mlp, mlp_ratio=mlp_ratio)
-            for n in self.layer_names
+            Block(build(n, d_model=d_model, **_depth_kwargs(n, i, n_layers), **_mixer_kwargs(n, mixer_config)),
+                  mlp=mlp, mlp_ratio=mlp_ratio)
+            for i, n in enumerate(self.layer_names)
         )
 
     @property
