@@ -1,6 +1,6 @@
 """recur: recurrent sequence models behind one contract, with exact and fast modes proven equal."""
 
-from recur.registry import build, list_models, list_patterns, model_info, register, register_pattern
+from recur.registry import build, hybrid, list_models, list_patterns, model_info, register, register_pattern
 from recur.state import State
 from recur.layers.base import Mixer
 from recur.models import Backbone, Block, CausalLM
@@ -14,6 +14,7 @@ __all__ = [
     "Mixer",
     "State",
     "build",
+    "hybrid",
     "list_models",
     "list_patterns",
     "model_info",

@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="list the tasks, their parameters and descriptions")
     tasks.add_argument("--json", action="store_true")
     models = sub.add_parser("models", help="list the registered models and layer patterns")
-    models.add_argument("--json", action="store_true")
+    fmt = models.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--markdown", action="store_true", help="print the docs/models.md page")
     return p
 
 
@@ -320,34 +322,25 @@ def cmd_tasks(args, out: Console, err: Console) -> int:
     return 0
 
 
-def _state_size_at_64(name: str) -> str:
-    import recur
-
-    try:
-        m = recur.build(name, d_model=64)
-        small, large = m.state_size(1024), m.state_size(2048)
-    except Exception as e:  # noqa: BLE001 - a listing shows what it can
-        return f"error: {e}"
-    return f"{small:,}" if small == large else f"{small:,} at T=1024 (grows)"
-
-
 def cmd_models(args, out: Console, err: Console) -> int:
     import recur
+    from recur import catalog
 
-    rows = []
-    for name in recur.list_models():
-        info = recur.model_info(name)
-        rows.append({"name": name, "family": info.family, "paper": info.paper,
-                     "modes": list(getattr(info.cls, "modes", ())), "state_size_d64": _state_size_at_64(name)})
+    if args.markdown:
+        print(catalog.markdown(), end="")
+        return 0
+    rows = catalog.catalog()
     patterns = {k: list(v) for k, v in recur.list_patterns().items()}
     if args.json:
-        print(json.dumps({"models": rows, "patterns": patterns}))
+        print(json.dumps({"d_model": catalog.WIDTH, "seq_len": catalog.LENGTH, "models": rows, "patterns": patterns}))
         return 0
-    t = Table(title="models (recur run --model NAME)", title_justify="left")
-    for col in ("model", "family", "modes", "state size (d_model=64)", "paper"):
-        t.add_column(col, style="bold" if col == "model" else None)
+    t = Table(title=f"models (recur run --model NAME); state size in floats at d_model={catalog.WIDTH}",
+              title_justify="left")
+    for col in ("model", "family", "modes", "state size formula", "floats", "paper"):
+        t.add_column(col, style="bold" if col == "model" else None, overflow="fold")
     for r in rows:
-        t.add_row(r["name"], r["family"], ", ".join(r["modes"]), r["state_size_d64"], r["paper"])
+        t.add_row(r["name"], r["family"], ", ".join(r["modes"]), r["state_formula"],
+                  catalog.size_text(r, catalog.LENGTH), r["paper"])
     out.print(t)
     if patterns:
         p = Table(title="patterns (repeated to n_layers)", title_justify="left")

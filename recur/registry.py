@@ -79,12 +79,43 @@ def model_info(name: str) -> ModelInfo:
     return _MODELS[name]
 
 
+def hybrid(linear: str, ratio: int = 3, attention: str = "attention") -> tuple[str, ...]:
+    """The layer pattern of a linear/full-attention hybrid: ``ratio`` ``linear`` layers, then one
+    ``attention`` layer (repeated to the model's depth by Backbone).
+
+    ``hybrid("gated_deltanet", 3)`` is ``(gated_deltanet x 3, attention)``, the 3:1 ratio that
+    "A Systematic Analysis of Hybrid Linear Attention" (2025) recommends (with 6:1) for
+    Transformer-level recall. As a string pattern: ``"hybrid:gated_deltanet:3"`` (and
+    ``"hybrid:gla:6:swa"`` to choose the attention layer), usable from configs and the CLI.
+    """
+    _load_all()
+    if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
+        raise ValueError(f"hybrid ratio (linear layers per attention layer) must be an int >= 1, got {ratio!r}")
+    for name in (linear, attention):
+        model_info(name)
+    return (linear,) * ratio + (attention,)
+
+
+def _parse_hybrid(pattern: str) -> tuple[str, ...]:
+    parts = pattern.split(":")
+    if len(parts) not in (2, 3, 4) or parts[0] != "hybrid":
+        raise ValueError(f"a hybrid pattern is 'hybrid:LINEAR[:RATIO[:ATTENTION]]', e.g. 'hybrid:gla:3', got {pattern!r}")
+    try:
+        ratio = int(parts[2]) if len(parts) > 2 else 3
+    except ValueError:
+        raise ValueError(f"hybrid pattern {pattern!r}: the ratio must be an integer, got {parts[2]!r}") from None
+    return hybrid(parts[1], ratio, *(parts[3:] or []))
+
+
 def resolve_pattern(pattern: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """A pattern given as a preset name, a single model name, or a list of model names."""
+    """A pattern given as a preset name, a single model name, a ``hybrid:LINEAR:RATIO`` string,
+    or a list of model names."""
     _load_all()
     if isinstance(pattern, str):
         if pattern in _PATTERNS:
             return _PATTERNS[pattern]
+        if pattern.startswith("hybrid:"):
+            return _parse_hybrid(pattern)
         if pattern in _MODELS:
             return (pattern,)
         raise _unknown("model or pattern", pattern, sorted(_MODELS) + sorted(_PATTERNS))

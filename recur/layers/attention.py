@@ -37,6 +37,7 @@ class Attention(Mixer):
     """
 
     modes = ("parallel", "recurrent")
+    state_formula = "2 * n_heads * head_dim * T"
     growing = (("k", 2), ("v", 2))
 
     def __init__(self, d_model: int, mode: str | None = None, n_heads: int | None = None, head_dim: int | None = None,
@@ -113,6 +114,8 @@ class SlidingWindowAttention(Attention):
     length; 512 keeps the window well inside the few-hundred to few-thousand token sequences
     of recur's probes, so the layer differs from full attention where it matters.
     """
+
+    state_formula = "2 * n_heads * head_dim * min(T, window - 1)"
 
     def __init__(self, d_model: int, mode: str | None = None, window: int = 512, **options):
         super().__init__(d_model, mode, **options)

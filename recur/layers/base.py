@@ -32,6 +32,9 @@ class Mixer(nn.Module, ABC):
     # State entries whose given dimension grows with the sequence (a KV cache): (key, dim).
     growing: tuple[tuple[str, int], ...] = ()
     supports_bfloat16: bool = True
+    # The state size as a Python expression over the mixer's int attributes and T (tokens seen),
+    # e.g. "n_heads * key_dim * value_dim"; the conformance suite checks it against state_size.
+    state_formula: str = ""
 
     def __init__(self, d_model: int, mode: str | None = None):
         super().__init__()

@@ -34,6 +34,7 @@ class _DeltaRuleMixer(Mixer):
     """Shared body of DeltaNet and Gated DeltaNet (see the module docstring)."""
 
     modes = ("chunk", "recurrent")
+    state_formula = "n_heads * head_k_dim * head_v_dim + 3 * n_heads * (2 * head_k_dim + head_v_dim)"
 
     def __init__(
         self,

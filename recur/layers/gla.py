@@ -33,6 +33,7 @@ class GLA(Mixer):
     """
 
     modes = ("chunk", "parallel", "recurrent")
+    state_formula = "n_heads * key_dim * value_dim"
 
     def __init__(
         self,

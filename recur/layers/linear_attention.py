@@ -33,6 +33,7 @@ class LinearAttention(Mixer):
     """
 
     modes = ("chunk", "parallel", "recurrent")
+    state_formula = "n_heads * head_dim * (head_dim + 1)"
 
     def __init__(
         self,

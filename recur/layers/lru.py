@@ -55,6 +55,7 @@ class LRU(Mixer):
     """
 
     modes = ("chunk", "recurrent")
+    state_formula = "2 * d_state"
 
     def __init__(
         self,

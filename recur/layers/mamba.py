@@ -53,6 +53,7 @@ class Mamba(Mixer):
     """
 
     modes = ("chunk", "recurrent")
+    state_formula = "d_inner * d_state + 3 * d_inner"
 
     def __init__(
         self,

@@ -52,6 +52,7 @@ class _MinRNN(Mixer):
     """Shared body of minGRU and minLSTM (see the module docstring)."""
 
     modes = ("parallel", "chunk", "recurrent")
+    state_formula = "d_hidden"
     n_gates = 1  # gate projections besides the candidate h~
     # Subclasses define log_coefficients(gates, cand) -> (log a, log b) of h_t = a_t h_{t-1} + b_t
     # from the gate pre-activations [..., n_gates * d_hidden] and the candidate's [..., d_hidden].

@@ -40,6 +40,7 @@ class RetNet(Mixer):
     """
 
     modes = ("chunk", "parallel", "recurrent")
+    state_formula = "n_heads * key_dim * value_dim"
 
     def __init__(
         self,

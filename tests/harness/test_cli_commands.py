@@ -75,7 +75,7 @@ def test_tasks_and_models_listings(capsys):
     assert main(["models", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     elman = next(m for m in listing["models"] if m["name"] == "elman")
-    assert elman["family"] and elman["paper"] and elman["modes"] == ["recurrent"] and elman["state_size_d64"] == "64"
+    assert elman["family"] and elman["paper"] and elman["modes"] == ["recurrent"] and elman["state_size"] == 64 and elman["state_formula"] == "d_model"
     assert main(["models"]) == 0 and "elman" in capsys.readouterr().out
 
 
