@@ -4,6 +4,7 @@
     recur sweep grid.yaml [--workers 2]
     recur bench [--quick]
     recur report [--out recur-report]
+    recur speed [--quick] [--json] [--only scan gla ...] [--markdown benchmarks/RESULTS.md]
     recur tasks | recur models
 """
 
@@ -138,6 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU cores, at most 4)")
     bench.add_argument("--quick", action="store_true", help="a few steps at a tiny size: a smoke test")
     bench.add_argument("--json", action="store_true", help="print the leaderboard rows as one JSON line instead")
+
+    speed = sub.add_parser("speed", help="time our fast modes against references, peers and the machine's limits")
+    speed.add_argument("--quick", action="store_true", help="small shapes: a smoke test of every case")
+    speed.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    speed.add_argument("--only", nargs="+", metavar="NAME", help="run only these cases (default: all)")
+    speed.add_argument("--threads", type=int, default=None, help="torch threads (default: all CPU cores); recorded")
+    speed.add_argument("--markdown", type=Path, default=None, metavar="PATH",
+                       help="also write the results table to PATH (e.g. benchmarks/RESULTS.md)")
 
     tasks = sub.add_parser("tasks", help="list the tasks, their parameters and descriptions")
     tasks.add_argument("--json", action="store_true")
@@ -297,6 +306,40 @@ def cmd_bench(args, out: Console, err: Console) -> int:
     return code
 
 
+def cmd_speed(args, out: Console, err: Console) -> int:
+    from recur import speed
+
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    try:
+        doc = speed.run(args.only, quick=args.quick, threads=args.threads,
+                        on_case=lambda n: err.print(f"[dim]speed: {n} ...[/dim]"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    command = "recur speed" + (" --quick" if args.quick else "") + (f" --only {' '.join(args.only)}" if args.only else "") \
+        + (f" --threads {args.threads}" if args.threads else "")
+    table = speed.markdown(doc, command)
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+        err.print(f"results table written to {args.markdown}")
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    m = doc["machine"]
+    t = Table(title=f"recur speed: {m['threads']} threads, {m['matmul_gflops']} GFLOP/s matmul, "
+                    f"{m['bandwidth_gbs']} GB/s bandwidth", title_justify="left")
+    for col in ("case", "shape", "pass", "ours (s)", "baseline", "baseline (s)", "speedup", "fraction", "target met"):
+        t.add_column(col, overflow="fold")
+    for r in doc["results"]:
+        met = "" if r["met"] is None else ("[green]yes[/green]" if r["met"] else "[red]no[/red]")
+        frac = "" if r["fraction_of_limit"] is None else f"{r['fraction_of_limit']:.3f}"
+        t.add_row(r["name"], r["shape"], r["pass"], f"{r['ours_s']:.4g}", r["baseline"], f"{r['baseline_s']:.4g}",
+                  f"{r['speedup']:.2f}x", frac, met)
+    out.print(t)
+    return 0
+
+
 def cmd_tasks(args, out: Console, err: Console) -> int:
     from recur.tasks.base import describe_params, list_tasks, task_class
 
@@ -353,7 +396,7 @@ def cmd_models(args, out: Console, err: Console) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "bench": cmd_bench,
-            "tasks": cmd_tasks, "models": cmd_models}
+            "speed": cmd_speed, "tasks": cmd_tasks, "models": cmd_models}
 
 
 def main(argv: list[str] | None = None) -> int:
