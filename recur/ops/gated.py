@@ -1,31 +1,46 @@
 """The gated matrix-state recurrence (gated linear attention), per head:
 
     S_t = Diag(alpha_t) S_{t-1} + k_t v_t^T        S: [d_k, d_v]
-    o_t = S_t^T q_t
+    o_t = S_t^T q_t                                 (default)
+    o_t = S_{t-1}^T q_t + (q_t * u . k_t) v_t       (output_before_update=True, bonus=u: RWKV-6)
 
     q, k:      [batch, heads, time, d_k]
     v:         [batch, heads, time, d_v]
-    log_alpha: [batch, heads, time, d_k]  per key dimension (GLA, GateLoop, HGRN-2)
-               [batch, heads, time]       one decay per head and step (RetNet, Mamba-2)
+    log_alpha: [batch, heads, time, d_k]  per key dimension (GLA, GateLoop, HGRN-2, RWKV-6)
+               [batch, heads, time]       one decay per head and step (RetNet, Mamba-2, mLSTM)
                None                       alpha = 1 (linear attention, fast weights)
     S0:        [batch, heads, d_k, d_v] or None (zeros)
+
+Two options change only how the output reads the state:
+
+* ``output_before_update``: o_t reads S_{t-1}, the state before step t's decay and write.
+* ``bonus`` u: [heads, d_k] adds the current token's term (q_t * u . k_t) v_t to o_t, a
+  per-key-dimension weight on the current key instead of the state's (RWKV-6's "time_first").
+  With output_before_update it is the only way the current token is seen (without decay
+  (alpha = 1), u = 1 gives back the default output S_t^T q_t); without it, the bonus is
+  simply added to S_t^T q_t. Note that S_{t-1} is read before alpha_t decays it.
+
+``gated_matrix_stabilized`` runs the same recurrence with an exponential input gate, carrying
+the state scaled by a running maximum (xLSTM's mLSTM); see its docstring.
 
 Modes (all equal to ``reference`` up to summation order):
 
 * ``reference``: the loop above; the oracle.
 * ``chunk``: the sequence is cut into chunks of ``chunk_size``. Inside a chunk the
-  outputs are masked matmuls (the attention-like form); between chunks only the
-  state is passed, so the cost is linear in time.
+  outputs are masked matmuls (the attention-like form; the mask is strictly lower
+  triangular when the output reads the state before the update, and the bonus sits on the
+  diagonal); between chunks only the state is passed, so the cost is linear in time.
 * ``parallel``: one chunk spanning the whole sequence (quadratic in time, like
   attention), including the initial state's contribution and the final state.
 
 Numerics. With c_t the cumulative log decay inside a chunk, the decay from step j to
-step i >= j is exp(c_i - c_j) (per key dimension). Forming exp(c_i) and exp(-c_j)
-separately overflows as soon as the decays underflow within a chunk, so every
-exponent here is <= 0: pairwise differences are masked (to -inf) before exp, and for
-per-dimension decays, pairs in different sub-chunks go through the reference point
-r = c at the end of the previous sub-chunk: exp(c_i - r) * exp(r - c_j), both factors
-<= 1 (Yang et al. 2023, secondary-level chunking).
+step i >= j is exp(c_i - c_j) (per key dimension); a query that reads the state before
+the update sees exp(c_{i-1} - c_j) instead (the exclusive cumulative sum, for j < i).
+Forming exp(c_i) and exp(-c_j) separately overflows as soon as the decays underflow
+within a chunk, so every exponent here is <= 0: pairwise differences are masked (to
+-inf) before exp, and for per-dimension decays, pairs in different sub-chunks go
+through the reference point r = c at the end of the previous sub-chunk:
+exp(c_i - r) * exp(r - c_j), both factors <= 1 (Yang et al. 2023, secondary-level chunking).
 
 Low-precision inputs (float16/bfloat16) are computed in float32 and cast back.
 """
@@ -51,21 +66,28 @@ def gated_matrix(
     *,
     mode: str = "chunk",
     chunk_size: int = 64,
+    output_before_update: bool = False,
+    bonus: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run S_t = Diag(alpha_t) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t; return (o, S_last).
 
-    o: [batch, heads, time, d_v] and S_last: [batch, heads, d_k, d_v], in q's dtype.
-    No scaling is applied to q or k. ``log_alpha`` (<= 0) may have another floating dtype.
+    With ``output_before_update`` the output reads S_{t-1} instead of S_t; ``bonus`` u
+    [heads, d_k] adds (q_t * u . k_t) v_t to o_t. o: [batch, heads, time, d_v] and S_last:
+    [batch, heads, d_k, d_v], in q's dtype. No scaling is applied to q or k. ``log_alpha``
+    (<= 0) and ``bonus`` may have another floating dtype.
     """
-    if mode not in MODES:
-        raise ValueError(f"gated_matrix mode must be one of {MODES}, got {mode!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    _check(q, k, v, log_alpha, S0)
+    _check_mode(mode, chunk_size)
+    _check(q, k, v, log_alpha, S0, "gated_matrix")
+    if not isinstance(output_before_update, bool):
+        raise TypeError(f"gated_matrix: output_before_update must be a bool, got {output_before_update!r}")
     B, H, T, K = q.shape
-    V = v.shape[-1]
+    if bonus is not None:
+        if not isinstance(bonus, torch.Tensor) or not bonus.is_floating_point():
+            raise TypeError(f"gated_matrix: bonus must be a floating-point tensor, got {getattr(bonus, 'dtype', type(bonus).__name__)}")
+        if tuple(bonus.shape) != (H, K):
+            raise ValueError(f"gated_matrix: bonus must have shape [heads, d_k]={(H, K)}, got {tuple(bonus.shape)}")
     dtype = q.dtype
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    work = _work_dtype(dtype)
     q, k, v = q.to(work), k.to(work), v.to(work)
     # Decays as [batch, heads, time, G] with G = d_k (per dimension) or 1 (per head).
     if log_alpha is None:
@@ -73,52 +95,163 @@ def gated_matrix(
     else:
         g = log_alpha.to(work)
         g = g if g.ndim == 4 else g.unsqueeze(-1)
-    S = q.new_zeros(B, H, K, V) if S0 is None else S0.to(work)
+    S = q.new_zeros(B, H, K, v.shape[-1]) if S0 is None else S0.to(work)
+    u = None if bonus is None else bonus.to(work)[:, None, :]  # [heads, 1, d_k]
 
     if mode == "reference":
-        o, S = _reference(q, k, v, g, S)
-    elif mode == "chunk":
-        o, S = _chunked(q, k, v, g, S, chunk_size)
+        o, S = _reference(q, k, v, g, S, output_before_update, u)
     else:  # parallel: a single chunk over the (padded) sequence
-        o, S = _chunked(q, k, v, g, S, SUB_CHUNK * math.ceil(T / SUB_CHUNK))
+        size = chunk_size if mode == "chunk" else SUB_CHUNK * math.ceil(T / SUB_CHUNK)
+        o, S = _chunked(q, k, v, g, S, size, output_before_update, u)
     return o.to(dtype), S.to(dtype)
 
 
-def _check(q, k, v, log_alpha, S0) -> None:
+def gated_matrix_stabilized(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_f: torch.Tensor,
+    log_i: torch.Tensor,
+    S0: torch.Tensor | None = None,
+    m0: torch.Tensor | None = None,
+    *,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gated recurrence with an exponential input gate, kept in range by a running maximum.
+
+    Per head, with a scalar log forget gate log f_t <= 0 and an unbounded log input gate i_t:
+
+        S_t = f_t S_{t-1} + exp(i_t) k_t v_t^T                     (the true state)
+        m_t = max(log f_t + m_{t-1}, i_t)                          (the stabiliser)
+        S~_t = exp(-m_t) S_t,   o~_t = S~_t^T q_t = exp(-m_t) S_t^T q_t
+
+    Returns (o~ [batch, heads, time, d_v], S~_last [batch, heads, d_k, d_v], m [batch, heads,
+    time]); the final stabiliser is m[..., -1]. The initial state is (S0, m0), S0 meaning
+    S~_0 (zeros if None) and m0 [batch, heads] (zeros if None, as xLSTM's zero state).
+
+    Design: exp(i_t) overflows float32 for i_t > 88, so the true state is never formed. In the
+    scaled state the recurrence reads
+
+        S~_t = exp(log f_t + m_{t-1} - m_t) S~_{t-1} + exp(i_t - m_t) k_t v_t^T,
+
+    and both exponents are <= 0 by the definition of m_t. m depends on the gates only, not on
+    the state, so it is computed first (``reference``: the loop above; ``chunk``/``parallel``:
+    within a chunk, m_t = c_t + max(m_start, max_{j<=t} (i_j - c_j)) with c the chunk-local
+    cumulative log f, and the last m carried to the next chunk), and the scaled recurrence is
+    then ``gated_matrix`` with log alpha'_t = log f_t + m_{t-1} - m_t and k'_t = exp(i_t - m_t) k_t,
+    in the same mode, with all of its numerics (every exponent <= 0). The stabiliser is
+    therefore a primitive, not a layer detail: its chunked form is what makes the chunked
+    mode match the step-by-step mode exactly, final (S~, m) included. Only a per-head
+    forget gate is supported: one running maximum must scale the whole state of a head.
+
+    A caller reads ratios in which exp(-m_t) cancels: mLSTM appends a ones column to v, so
+    the last column of o~ is the normaliser n~_t^T q_t, and divides by
+    max(|n~_t^T q_t|, exp(-m_t)) = exp(-m_t) max(|n_t^T q_t|, 1).
+    """
+    _check_mode(mode, chunk_size)
+    _check(q, k, v, None, S0, "gated_matrix_stabilized")
+    B, H, T, K = q.shape
+    for name, t, shape in (("log_f", log_f, (B, H, T)), ("log_i", log_i, (B, H, T)), ("m0", m0, (B, H))):
+        if t is None and name == "m0":
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"gated_matrix_stabilized: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"gated_matrix_stabilized: {name} must have shape {shape}, got {tuple(t.shape)}")
+    dtype = q.dtype
+    work = _work_dtype(dtype)
+    q, k, v = q.to(work), k.to(work), v.to(work)
+    log_f, log_i = log_f.to(work), log_i.to(work)
+    m0 = q.new_zeros(B, H) if m0 is None else m0.to(work)
+
+    if mode == "reference":
+        m = _running_max(log_f, log_i, m0)
+    else:
+        m = _running_max_chunked(log_f, log_i, m0, chunk_size if mode == "chunk" else T)
+    m_prev = torch.cat([m0.unsqueeze(-1), m[..., :-1]], dim=-1)
+    log_alpha = log_f + m_prev - m  # <= 0: m_t >= log f_t + m_{t-1}
+    k = k * (log_i - m).exp().unsqueeze(-1)  # exponent <= 0: m_t >= i_t
+    o, S = gated_matrix(q, k, v, log_alpha, S0 if S0 is None else S0.to(work), mode=mode, chunk_size=chunk_size)
+    return o.to(dtype), S.to(dtype), m.to(dtype)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_mode(mode, chunk_size) -> None:
+    if mode not in MODES:
+        raise ValueError(f"gated_matrix mode must be one of {MODES}, got {mode!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def _check(q, k, v, log_alpha, S0, fn) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("log_alpha", log_alpha), ("S0", S0)):
         if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
-            raise TypeError(f"gated_matrix: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+            raise TypeError(f"{fn}: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
     if q.ndim != 4:
-        raise ValueError(f"gated_matrix: q must have shape [batch, heads, time, d_k], got {tuple(q.shape)}")
+        raise ValueError(f"{fn}: q must have shape [batch, heads, time, d_k], got {tuple(q.shape)}")
     B, H, T, K = q.shape
     if k.shape != q.shape:
-        raise ValueError(f"gated_matrix: k must have q's shape [batch, heads, time, d_k]={tuple(q.shape)}, got {tuple(k.shape)}")
+        raise ValueError(f"{fn}: k must have q's shape [batch, heads, time, d_k]={tuple(q.shape)}, got {tuple(k.shape)}")
     if v.ndim != 4 or v.shape[:3] != (B, H, T):
-        raise ValueError(f"gated_matrix: v must have shape [batch={B}, heads={H}, time={T}, d_v], got {tuple(v.shape)}")
+        raise ValueError(f"{fn}: v must have shape [batch={B}, heads={H}, time={T}, d_v], got {tuple(v.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype or (S0 is not None and S0.dtype != q.dtype):
-        raise TypeError(f"gated_matrix: q, k, v and S0 must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {getattr(S0, 'dtype', None)}")
+        raise TypeError(f"{fn}: q, k, v and S0 must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}, {getattr(S0, 'dtype', None)}")
     if log_alpha is not None and tuple(log_alpha.shape) not in ((B, H, T), (B, H, T, K)):
         raise ValueError(
-            f"gated_matrix: log_alpha must have shape [batch, heads, time]={(B, H, T)} or "
+            f"{fn}: log_alpha must have shape [batch, heads, time]={(B, H, T)} or "
             f"[batch, heads, time, d_k]={(B, H, T, K)}, got {tuple(log_alpha.shape)}"
         )
     if S0 is not None and tuple(S0.shape) != (B, H, K, v.shape[-1]):
-        raise ValueError(f"gated_matrix: S0 must have shape [batch, heads, d_k, d_v]={(B, H, K, v.shape[-1])}, got {tuple(S0.shape)}")
+        raise ValueError(f"{fn}: S0 must have shape [batch, heads, d_k, d_v]={(B, H, K, v.shape[-1])}, got {tuple(S0.shape)}")
 
 
-def _reference(q, k, v, g, S):
+def _reference(q, k, v, g, S, before: bool, u):
     """The recurrence, one step at a time. g: [batch, heads, time, G]; S: [batch, heads, d_k, d_v]."""
     # Per-step views prepared outside the loop: a_t [b, h, G, 1], q_t [b, h, 1, d_k],
     # k_t [b, h, d_k, 1], v_t [b, h, 1, d_v].
     steps = zip(*(t.unbind(2) for t in (g.exp().unsqueeze(-1), q.unsqueeze(-2), k.unsqueeze(-1), v.unsqueeze(-2))))
     outs = []
     for a_t, q_t, k_t, v_t in steps:
-        S = torch.addcmul(a_t * S, k_t, v_t)
-        outs.append(q_t @ S)  # [batch, heads, 1, d_v]
-    return torch.cat(outs, dim=2), S
+        S_next = torch.addcmul(a_t * S, k_t, v_t)
+        outs.append(q_t @ (S if before else S_next))  # [batch, heads, 1, d_v]
+        S = S_next
+    o = torch.cat(outs, dim=2)
+    if u is not None:  # the current token's bonus (q_t * u . k_t) v_t reads no state
+        o = o + (q * u * k).sum(-1, keepdim=True) * v
+    return o, S
 
 
-def _chunked(q, k, v, g, S, chunk_size: int):
+def _running_max(log_f, log_i, m):
+    """m_t = max(log f_t + m_{t-1}, i_t), one step at a time. log_f, log_i: [batch, heads, time]."""
+    ms = []
+    for lf_t, li_t in zip(log_f.unbind(-1), log_i.unbind(-1)):
+        m = torch.maximum(lf_t + m, li_t)
+        ms.append(m)
+    return torch.stack(ms, dim=-1)
+
+
+def _running_max_chunked(log_f, log_i, m, chunk_size: int):
+    """The same m in closed form inside chunks: m_t = c_t + max(m_start, max_{j<=t} (i_j - c_j))."""
+    T = log_f.shape[-1]
+    n_chunks = math.ceil(T / chunk_size)
+    pad = n_chunks * chunk_size - T
+    if pad:  # padding steps have f = 1 and i = -inf: they leave m unchanged
+        log_f, log_i = F.pad(log_f, (0, pad)), F.pad(log_i, (0, pad), value=-math.inf)
+    c = rearrange(log_f, "b h (n c) -> b h n c", c=chunk_size).cumsum(-1)  # chunk-local cumulative log f
+    best = (rearrange(log_i, "b h (n c) -> b h n c", c=chunk_size) - c).cummax(-1).values  # max_{j<=t} (i_j - c_j)
+    starts = []
+    for c_last, best_last in zip(c[..., -1].unbind(2), best[..., -1].unbind(2)):  # carry m between chunks
+        starts.append(m)
+        m = c_last + torch.maximum(m, best_last)
+    m = c + torch.maximum(torch.stack(starts, dim=2).unsqueeze(-1), best)
+    return rearrange(m, "b h n c -> b h (n c)")[..., :T]
+
+
+def _chunked(q, k, v, g, S, chunk_size: int, before: bool, u):
     """Chunkwise form: masked matmuls inside chunks, the state passed between chunks."""
     T = q.shape[2]
     n_chunks = math.ceil(T / chunk_size)
@@ -128,8 +261,14 @@ def _chunked(q, k, v, g, S, chunk_size: int):
     q, k, v, g = (rearrange(t, "b h (n c) d -> b h n c d", c=chunk_size) for t in (q, k, v, g))
     c = g.cumsum(dim=-2)  # log decay from the chunk start through step i (inclusive)
     c_last = c[..., -1:, :]  # [b, h, n, 1, G]
+    # The query's log decay: through step i, or through step i-1 when it reads the state
+    # before the update (the exclusive cumulative sum, shifted so c_{i-1} - c_{i-1} is exactly 0).
+    cq = F.pad(c[..., :-1, :], (0, 0, 1, 0)) if before else c
 
-    o = _intra_scores(q, k, c) @ v  # contributions of steps inside the same chunk
+    scores = _intra_scores(q, k, cq, c, strict=before)  # contributions of steps inside the same chunk
+    if u is not None:  # the bonus is the diagonal of the intra-chunk scores
+        scores = scores + torch.diag_embed((q * u.unsqueeze(-3) * k).sum(-1))
+    o = scores @ v
 
     # State passing: each chunk adds its k_j decayed to the chunk end, times v_j.
     update = (k * (c_last - c).exp()).transpose(-1, -2) @ v  # [b, h, n, d_k, d_v]
@@ -139,37 +278,41 @@ def _chunked(q, k, v, g, S, chunk_size: int):
         entering.append(S)
         S = decay_n * S + update_n
     entering = torch.stack(entering, dim=2)  # state before each chunk: [b, h, n, d_k, d_v]
-    o = o + (q * c.exp()) @ entering
+    o = o + (q * cq.exp()) @ entering
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]
     return o, S
 
 
-def _intra_scores(q, k, c):
-    """Decayed causal scores A[i, j] = sum_d q_id k_jd exp(c_id - c_jd) for j <= i, else 0.
+def _intra_scores(q, k, cq, ck, strict: bool):
+    """Decayed causal scores A[i, j] = sum_d q_id k_jd exp(cq_id - ck_jd) for j <= i (j < i if
+    ``strict``), else 0.
 
-    q, k: [..., C, d_k]; c: [..., C, G] cumulative log decays (G = 1 or d_k). Returns [..., C, C].
+    q, k: [..., C, d_k]; cq, ck: [..., C, G] cumulative log decays of queries and keys (G = 1 or
+    d_k), with cq_i - ck_j <= 0 on the unmasked pairs. Returns [..., C, C].
     """
     C = q.shape[-2]
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    if c.shape[-1] == 1:  # one decay per head: the decay factors out of the dot product
-        diff = (c - c.transpose(-1, -2)).masked_fill(~causal, -math.inf)
+    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if strict else 0)
+    if ck.shape[-1] == 1:  # one decay per head: the decay factors out of the dot product
+        diff = (cq - ck.transpose(-1, -2)).masked_fill(~causal, -math.inf)
         return (q @ k.transpose(-1, -2)) * diff.exp()
 
     # Per-dimension decays, in sub-chunks of length s (a divisor of C).
     s = max(d for d in range(1, min(C, SUB_CHUNK) + 1) if C % d == 0)
     A = C // s
-    qs, ks, cs = (rearrange(t, "... (a s) d -> ... a s d", s=s) for t in (q, k, c))
+    qs, ks, cqs, cks = (rearrange(t, "... (a s) d -> ... a s d", s=s) for t in (q, k, cq, ck))
 
     # Pairs within one sub-chunk: pairwise decays, masked before exp.
     tri = causal[:s, :s]
-    diff = (cs.unsqueeze(-2) - cs.unsqueeze(-3)).masked_fill(~tri[:, :, None], -math.inf)  # [..., a, i, j, d_k]
+    diff = (cqs.unsqueeze(-2) - cks.unsqueeze(-3)).masked_fill(~tri[:, :, None], -math.inf)  # [..., a, i, j, d_k]
     diag = torch.einsum("...id,...jd,...ijd->...ij", qs, ks, diff.exp())  # [..., a, s, s]
 
-    # Pairs in earlier sub-chunks: through the reference point r_a (c just before sub-chunk a).
-    r = torch.cat([torch.zeros_like(cs[..., :1, -1:, :]), cs[..., :-1, -1:, :]], dim=-3)  # [..., a, 1, d_k]
-    q_r = qs * (cs - r).exp()  # exponent <= 0
+    # Pairs in earlier sub-chunks: through the reference point r_a (ck just before sub-chunk a;
+    # a query of sub-chunk a has decayed at least that far, also when it reads the state before
+    # its own update, since its exclusive sum starts at r_a).
+    r = torch.cat([torch.zeros_like(cks[..., :1, -1:, :]), cks[..., :-1, -1:, :]], dim=-3)  # [..., a, 1, d_k]
+    q_r = qs * (cqs - r).exp()  # exponent <= 0
     earlier = torch.arange(C, device=q.device)[None, :] < (s * torch.arange(A, device=q.device))[:, None]  # [a, C]
-    to_ref = (r - c.unsqueeze(-3)).masked_fill(~earlier[:, :, None], -math.inf)  # [..., a, C, d_k], exponent <= 0
+    to_ref = (r - ck.unsqueeze(-3)).masked_fill(~earlier[:, :, None], -math.inf)  # [..., a, C, d_k], exponent <= 0
     k_r = k.unsqueeze(-3) * to_ref.exp()
     scores = rearrange(q_r @ k_r.transpose(-1, -2), "... a i (b j) -> ... a i b j", j=s)
     on_diag = torch.eye(A, dtype=torch.bool, device=q.device)[:, None, :, None]

@@ -5,7 +5,9 @@ relative), so rtol 1e-8 / atol 1e-10 leave ample headroom and still catch any re
 mismatch. Decays are drawn in three regimes: typical (logsigmoid of a normal), close
 to 0 (log alpha = -30 per step, which underflows exp(cumsum) within a few steps) and
 close to 1 (log alpha ~ -1e-4), for all three alpha forms (per key dimension, per
-head, none).
+head, none), and for every combination of the two read options (output before the
+update, the current-token bonus u). The stabilised form (exponential input gate with a
+running maximum, mLSTM) is checked the same way, its final stabiliser included.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recur.ops.gated import gated_matrix
+from recur.ops.gated import gated_matrix, gated_matrix_stabilized
 
 RTOL, ATOL = 1e-8, 1e-10
 FORMS = ("vector", "scalar", "none")
 REGIMES = ("typical", "strong", "weak")
+# (output_before_update, with a bonus): every combination of the read options
+OPTIONS = [(False, False), (True, False), (False, True), (True, True)]
+OPTION_IDS = ["after", "before", "after+bonus", "before+bonus"]
 
 
 def make_inputs(B, H, T, K, V, form, regime, with_state, dtype=torch.float64, seed=0):
@@ -43,10 +48,14 @@ def make_inputs(B, H, T, K, V, form, regime, with_state, dtype=torch.float64, se
     return q, k, v, log_alpha, S0
 
 
-def run(inputs, mode, chunk_size=64):
-    """Outputs, final state and gradients (w.r.t. every input) of a fixed random loss."""
-    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in inputs]
-    o, S = gated_matrix(*leaves, mode=mode, chunk_size=chunk_size)
+def make_bonus(H, K, dtype=torch.float64, seed=0):
+    return torch.randn(H, K, generator=torch.Generator().manual_seed(seed + 12345), dtype=dtype)
+
+
+def run(inputs, mode, chunk_size=64, before=False, bonus=None):
+    """Outputs, final state and gradients (w.r.t. every input, the bonus included) of a fixed random loss."""
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (*inputs, bonus)]
+    o, S = gated_matrix(*leaves[:-1], mode=mode, chunk_size=chunk_size, output_before_update=before, bonus=leaves[-1])
     g = torch.Generator().manual_seed(99)
     loss = (o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() + (S * torch.randn(S.shape, generator=g, dtype=S.dtype)).sum()
     present = [t for t in leaves if t is not None]
@@ -63,7 +72,8 @@ def assert_runs_close(got, want, what):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}, gradient of input {i}: {m}")
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.mark.parametrize("before,with_bonus", OPTIONS, ids=OPTION_IDS)
+@settings(max_examples=30, deadline=None)
 @given(
     B=st.integers(1, 2),
     H=st.integers(1, 3),
@@ -76,48 +86,55 @@ def assert_runs_close(got, want, what):
     chunk_size=st.sampled_from([1, 3, 8, 16, 32, 64]),
     seed=st.integers(0, 2**16),
 )
-def test_fast_modes_equal_reference_forward_and_backward(B, H, T, K, V, form, regime, with_state, chunk_size, seed):
+def test_fast_modes_equal_reference_forward_and_backward(before, with_bonus, B, H, T, K, V, form, regime, with_state, chunk_size, seed):
     inputs = make_inputs(B, H, T, K, V, form, regime, with_state, seed=seed)
-    want = run(inputs, "reference")
-    assert_runs_close(run(inputs, "chunk", chunk_size), want, f"chunk (chunk_size={chunk_size})")
-    assert_runs_close(run(inputs, "parallel"), want, "parallel")
+    options = dict(before=before, bonus=make_bonus(H, K, seed=seed) if with_bonus else None)
+    want = run(inputs, "reference", **options)
+    assert_runs_close(run(inputs, "chunk", chunk_size, **options), want, f"chunk (chunk_size={chunk_size})")
+    assert_runs_close(run(inputs, "parallel", **options), want, "parallel")
 
 
+@pytest.mark.parametrize("before,with_bonus", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("with_state", [False, True])
-def test_single_step_equals_reference(form, with_state):
+def test_single_step_equals_reference(form, with_state, before, with_bonus):
     inputs = make_inputs(2, 2, 1, 4, 3, form, "typical", with_state)
-    want = run(inputs, "reference")
+    options = dict(before=before, bonus=make_bonus(2, 4) if with_bonus else None)
+    want = run(inputs, "reference", **options)
     for mode in ("chunk", "parallel"):
-        assert_runs_close(run(inputs, mode), want, mode)
+        assert_runs_close(run(inputs, mode, **options), want, mode)
 
 
+@pytest.mark.parametrize("before,with_bonus", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("form", ["vector", "scalar"])
 @pytest.mark.parametrize("mode", ["reference", "chunk", "parallel"])
-def test_strong_decay_stays_finite_in_float32(form, mode):
+def test_strong_decay_stays_finite_in_float32(form, mode, before, with_bonus):
     """log alpha = -30 per step: the cumulative decay underflows within one chunk, yet
     nothing overflows; forward and gradients stay finite and match float64."""
     inputs = make_inputs(2, 2, 100, 8, 4, form, "strong", True, dtype=torch.float32)
     inputs = (*inputs[:3], torch.full_like(inputs[3], -30.0), inputs[4])
-    o, S, grads = run(inputs, mode, chunk_size=64)
+    bonus = make_bonus(2, 8, dtype=torch.float32) if with_bonus else None
+    o, S, grads = run(inputs, mode, chunk_size=64, before=before, bonus=bonus)
     assert torch.isfinite(o).all() and torch.isfinite(S).all()
     assert all(torch.isfinite(g).all() for g in grads)
-    o64, S64, _ = run([t.double() for t in inputs], "reference")
+    o64, S64, _ = run([t.double() for t in inputs], "reference", before=before, bonus=None if bonus is None else bonus.double())
     torch.testing.assert_close(o, o64.float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(S, S64.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("before,with_bonus", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", ["reference", "chunk", "parallel"])
-def test_state_carry_is_exact(form, mode):
+def test_state_carry_is_exact(form, mode, before, with_bonus):
     """Running [0, t) then [t, T) from the returned state equals one run over [0, T)."""
     q, k, v, log_alpha, S0 = make_inputs(2, 2, 45, 4, 3, form, "typical", True)
-    o, S = gated_matrix(q, k, v, log_alpha, S0, mode=mode, chunk_size=8)
+    options = dict(mode=mode, chunk_size=8, output_before_update=before, bonus=make_bonus(2, 4) if with_bonus else None)
+    o, S = gated_matrix(q, k, v, log_alpha, S0, **options)
     for t in (1, 8, 21, 44):
         head = [x[:, :, :t] if x is not None else None for x in (q, k, v, log_alpha)]
         tail = [x[:, :, t:] if x is not None else None for x in (q, k, v, log_alpha)]
-        o1, S1 = gated_matrix(*head, S0, mode=mode, chunk_size=8)
-        o2, S2 = gated_matrix(*tail, S1, mode=mode, chunk_size=8)
+        o1, S1 = gated_matrix(*head, S0, **options)
+        o2, S2 = gated_matrix(*tail, S1, **options)
         torch.testing.assert_close(torch.cat([o1, o2], dim=2), o, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(S2, S, rtol=RTOL, atol=ATOL)
 
@@ -145,6 +162,44 @@ def test_reference_matches_explicit_sum():
         for j in range(t + 1):
             want = want + ((q[0, 0, t] * (c[t] - c[j]).exp()) @ k[0, 0, j]) * v[0, 0, j]
         torch.testing.assert_close(o[0, 0, t], want, rtol=RTOL, atol=ATOL)
+
+
+def test_output_before_update_matches_explicit_sum():
+    """o_t = sum_{j<t} (q_t * prod_{j<m<t} alpha_m) . k_j v_j + (q_t * u . k_t) v_t
+    + (q_t * prod_{m<t} alpha_m)^T S0: RWKV-6's wkv with the state before the update."""
+    q, k, v, log_alpha, S0 = make_inputs(1, 1, 6, 3, 2, "vector", "typical", True)
+    u = make_bonus(1, 3)
+    c = F.pad(log_alpha[0, 0].cumsum(0), (0, 0, 1, 0))  # c[t] = sum of log alpha over steps < t
+    for mode in ("reference", "chunk", "parallel"):
+        o, _ = gated_matrix(q, k, v, log_alpha, S0, mode=mode, chunk_size=4, output_before_update=True, bonus=u)
+        for t in range(6):
+            want = (q[0, 0, t] * c[t].exp()) @ S0[0, 0] + ((q[0, 0, t] * u[0]) @ k[0, 0, t]) * v[0, 0, t]
+            for j in range(t):
+                want = want + ((q[0, 0, t] * (c[t] - c[j + 1]).exp()) @ k[0, 0, j]) * v[0, 0, j]
+            torch.testing.assert_close(o[0, 0, t], want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk", "parallel"])
+def test_unit_bonus_before_update_equals_default_output_without_decay(mode):
+    """With alpha = 1, S_t = S_{t-1} + k_t v_t^T, so S_{t-1}^T q_t + (q_t . k_t) v_t = S_t^T q_t:
+    u = 1 with output before the update gives the default read, state included."""
+    q, k, v, log_alpha, S0 = make_inputs(2, 2, 29, 4, 3, "none", "typical", True)
+    default = gated_matrix(q, k, v, log_alpha, S0, mode=mode, chunk_size=8)
+    ones = gated_matrix(q, k, v, log_alpha, S0, mode=mode, chunk_size=8, output_before_update=True, bonus=torch.ones(2, 4, dtype=q.dtype))
+    for a, b in zip(default, ones):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_output_before_update_ignores_the_current_token_without_bonus():
+    """Without a bonus, o_t reads S_{t-1} only: changing k_t, v_t leaves o_t unchanged."""
+    q, k, v, log_alpha, S0 = make_inputs(1, 2, 12, 4, 3, "vector", "typical", True)
+    for mode in ("reference", "chunk", "parallel"):
+        o, _ = gated_matrix(q, k, v, log_alpha, S0, mode=mode, chunk_size=4, output_before_update=True)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, 5], v2[:, :, 5] = 7.0, -3.0
+        o2, _ = gated_matrix(q, k2, v2, log_alpha, S0, mode=mode, chunk_size=4, output_before_update=True)
+        torch.testing.assert_close(o2[:, :, :6], o[:, :, :6], rtol=RTOL, atol=ATOL)
+        assert not torch.allclose(o2[:, :, 6], o[:, :, 6])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -176,4 +231,124 @@ def test_bad_inputs_raise_clear_errors():
         gated_matrix(q, k, v, mode="scan")
     with pytest.raises(ValueError, match="chunk_size"):
         gated_matrix(q, k, v, chunk_size=0)
+    with pytest.raises(ValueError, match=r"bonus must have shape \[heads, d_k\]"):
+        gated_matrix(q, k, v, bonus=torch.ones(2, 3, dtype=q.dtype))
+    with pytest.raises(TypeError, match="bonus must be a floating"):
+        gated_matrix(q, k, v, bonus=torch.ones(2, 4, dtype=torch.long))
+    with pytest.raises(TypeError, match="output_before_update"):
+        gated_matrix(q, k, v, output_before_update="yes")
     assert math.isfinite(gated_matrix(q, k, v, log_alpha, S0)[0].sum().item())
+
+
+# ------------------------------------------------------------ stabilised (exponential input gate)
+I_REGIMES = ("typical", "large", "spiky")
+
+
+def make_stabilized_inputs(B, H, T, K, V, regime, i_regime, with_state, dtype=torch.float64, seed=0):
+    """q, k, v, log f (per head), log i, S0 (scaled state) and m0. Input-gate preactivations are
+    typical (N(0, 3)), large (60 + N(0, 3), where exp(i) overflows float32 sums) or spiky
+    (mostly N(0, 1), a few at +-40)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, log_f, _ = make_inputs(B, H, T, K, V, "scalar", regime, False, dtype=dtype, seed=seed)
+    if i_regime == "typical":
+        log_i = 3 * torch.randn(B, H, T, generator=g, dtype=dtype)
+    elif i_regime == "large":
+        log_i = 60 + 3 * torch.randn(B, H, T, generator=g, dtype=dtype)
+    else:
+        log_i = torch.randn(B, H, T, generator=g, dtype=dtype)
+        spikes = torch.rand(B, H, T, generator=g, dtype=dtype) < 0.1
+        log_i = torch.where(spikes, 40 * torch.sign(torch.randn(B, H, T, generator=g, dtype=dtype)), log_i)
+    S0 = torch.randn(B, H, K, V, generator=g, dtype=dtype) if with_state else None
+    m0 = 2 * torch.randn(B, H, generator=g, dtype=dtype) if with_state else None
+    return q, k, v, log_f, log_i, S0, m0
+
+
+def run_stabilized(inputs, mode, chunk_size=64):
+    """Outputs, final state, stabilisers and gradients of a fixed random loss over all three."""
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in inputs]
+    o, S, m = gated_matrix_stabilized(*leaves, mode=mode, chunk_size=chunk_size)
+    g = torch.Generator().manual_seed(98)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (o, S, m))
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    return o.detach(), S.detach(), m.detach(), grads
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    B=st.integers(1, 2),
+    H=st.integers(1, 3),
+    T=st.integers(1, 50),
+    K=st.integers(1, 5),
+    V=st.integers(1, 4),
+    regime=st.sampled_from(REGIMES),
+    i_regime=st.sampled_from(I_REGIMES),
+    with_state=st.booleans(),
+    chunk_size=st.sampled_from([1, 3, 8, 16, 64]),
+    seed=st.integers(0, 2**16),
+)
+def test_stabilized_fast_modes_equal_reference_forward_and_backward(B, H, T, K, V, regime, i_regime, with_state, chunk_size, seed):
+    """Chunked and parallel stabilised runs equal the step-by-step one: outputs, final scaled
+    state, every stabiliser m_t, and the gradients of all inputs (initial m included)."""
+    inputs = make_stabilized_inputs(B, H, T, K, V, regime, i_regime, with_state, seed=seed)
+    want = run_stabilized(inputs, "reference")
+    for mode, size in (("chunk", chunk_size), ("parallel", 64)):
+        got = run_stabilized(inputs, mode, size)
+        for name, a, b in zip(("output", "final state", "stabiliser m"), got[:3], want[:3]):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda msg: f"{mode}, {name}: {msg}")
+        for i, (a, b) in enumerate(zip(got[3], want[3])):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda msg: f"{mode}, gradient of input {i}: {msg}")
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk", "parallel"])
+def test_stabilized_equals_unstabilized_recurrence(mode):
+    """exp(m_t) o~_t and exp(m_T) S~_T are the plain gated recurrence with k_t scaled by exp(i_t)
+    (float64, moderate gates so that the unscaled form is itself exact); m follows its definition."""
+    q, k, v, log_f, log_i, S0, m0 = make_stabilized_inputs(2, 2, 23, 3, 4, "typical", "typical", True, seed=5)
+    o, S, m = gated_matrix_stabilized(q, k, v, log_f, log_i, S0, m0, mode=mode, chunk_size=8)
+    o_plain, S_plain = gated_matrix(q, k * log_i.exp().unsqueeze(-1), v, log_f, S0 * m0.exp()[..., None, None], mode="reference")
+    torch.testing.assert_close(o * m.exp().unsqueeze(-1), o_plain, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(S * m[..., -1].exp()[..., None, None], S_plain, rtol=RTOL, atol=ATOL)
+    m_prev = m0
+    for t in range(23):  # m_t = max(log f_t + m_{t-1}, i_t)
+        m_prev = torch.maximum(log_f[..., t] + m_prev, log_i[..., t])
+        torch.testing.assert_close(m[..., t], m_prev, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk", "parallel"])
+def test_stabilized_large_input_gates_stay_finite_in_float32(mode):
+    """Input-gate preactivations around 60 (exp(60) ~ 1e26, sums of which overflow float32):
+    forward and gradients stay finite and match float64; the scaled state stays O(1)."""
+    inputs = make_stabilized_inputs(2, 2, 100, 8, 4, "typical", "large", True, dtype=torch.float32, seed=3)
+    o, S, m, grads = run_stabilized(inputs, mode, chunk_size=16)
+    assert all(torch.isfinite(t).all() for t in (o, S, m, *grads))
+    assert S.abs().max() < 1e3
+    o64, S64, m64, _ = run_stabilized([t.double() if t is not None else None for t in inputs], "reference")
+    torch.testing.assert_close(o, o64.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(S, S64.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(m, m64.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk", "parallel"])
+def test_stabilized_state_carry_is_exact(mode):
+    q, k, v, log_f, log_i, S0, m0 = make_stabilized_inputs(2, 2, 37, 4, 3, "typical", "spiky", True, seed=8)
+    o, S, m = gated_matrix_stabilized(q, k, v, log_f, log_i, S0, m0, mode=mode, chunk_size=8)
+    for t in (1, 8, 20, 36):
+        o1, S1, m1 = gated_matrix_stabilized(*(x[:, :, :t] for x in (q, k, v, log_f, log_i)), S0, m0, mode=mode, chunk_size=8)
+        o2, S2, m2 = gated_matrix_stabilized(*(x[:, :, t:] for x in (q, k, v, log_f, log_i)), S1, m1[..., -1], mode=mode, chunk_size=8)
+        torch.testing.assert_close(torch.cat([o1, o2], dim=2), o, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(torch.cat([m1, m2], dim=2), m, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(S2, S, rtol=RTOL, atol=ATOL)
+
+
+def test_stabilized_bad_inputs_raise_clear_errors():
+    q, k, v, log_f, log_i, S0, m0 = make_stabilized_inputs(2, 2, 5, 4, 3, "typical", "typical", True)
+    with pytest.raises(ValueError, match="log_f must have shape"):
+        gated_matrix_stabilized(q, k, v, log_f.unsqueeze(-1).expand(2, 2, 5, 4), log_i)
+    with pytest.raises(ValueError, match="log_i must have shape"):
+        gated_matrix_stabilized(q, k, v, log_f, log_i[..., :3])
+    with pytest.raises(ValueError, match="m0 must have shape"):
+        gated_matrix_stabilized(q, k, v, log_f, log_i, S0, m0[:, :1])
+    with pytest.raises(TypeError, match="log_i must be a floating"):
+        gated_matrix_stabilized(q, k, v, log_f, log_i.long())
+    with pytest.raises(ValueError, match="mode"):
+        gated_matrix_stabilized(q, k, v, log_f, log_i, mode="scan")
