@@ -11,8 +11,9 @@
 ``diagonal_scan`` modes (equal to ``reference`` up to summation order):
 
 * ``reference``: the loop above; the oracle.
-* ``chunk``: a two-level scan. Time is cut into n chunks of ``chunk_size``. One Python
-  loop of chunk_size steps runs the recurrence inside every chunk at once from a zero
+* ``chunk``: on CPU with numba (a dependency), the compiled single-pass kernel of
+  ``recur.ops.compiled`` (set ``RECUR_COMPILED=0`` to turn it off); elsewhere (CUDA) a
+  two-level scan: time is cut into n chunks of ``chunk_size``. One Python loop of chunk_size steps runs the recurrence inside every chunk at once from a zero
   state, keeping the running product P of the decays since the chunk start; a second
   loop of n steps passes the state between chunks; a fix-up adds each chunk's entering
   state times P. Python steps: chunk_size + n instead of time.
@@ -35,6 +36,8 @@ import math
 
 import torch
 from einops import rearrange
+
+from recur.ops import compiled
 
 MODES = ("reference", "chunk")
 
@@ -73,6 +76,8 @@ def diagonal_scan(
 
     if mode == "reference":
         hs = _reference(log_a, b, h)
+    elif compiled.can_scan(log_a, b, h):  # CPU: one fused pass over memory (numba)
+        hs = compiled.scan(log_a, b, h)
     else:
         hs = _chunked(log_a, b, h, chunk_size)
     return hs.to(out), hs[:, -1].to(out)

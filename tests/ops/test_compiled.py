@@ -1,0 +1,66 @@
+"""The compiled CPU scan (numba) and the PyTorch chunked scan both equal the reference loop.
+
+``diagonal_scan(mode="chunk")`` runs the compiled kernel for CPU tensors when numba is
+installed; the PyTorch two-level path is the device-agnostic fallback (CUDA, or
+``RECUR_COMPILED=0``). The hypothesis tests here run each path explicitly, in float64, at the
+tolerances of tests/ops/test_scan.py.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recur.ops import compiled
+from recur.ops.scan import diagonal_scan
+from test_scan import DECAYS, FORMS, assert_same, make_inputs, run
+
+pytestmark = pytest.mark.skipif(compiled.numba is None, reason="numba is a dependency; absent only in broken installs")
+
+
+@contextmanager
+def kernels(on: bool):
+    """The compiled kernels on or off inside the block, restored after."""
+    before = compiled.enabled()
+    compiled.set_enabled(on)
+    try:
+        yield
+    finally:
+        compiled.set_enabled(before)
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+@settings(max_examples=60, deadline=None)
+@given(
+    B=st.integers(1, 3), T=st.integers(1, 40), dims=st.lists(st.integers(1, 300), min_size=1, max_size=2),
+    form=st.sampled_from(FORMS), decay=st.sampled_from(sorted(DECAYS)),
+    complex_a=st.booleans(), complex_b=st.booleans(), init=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_each_chunk_path_equals_reference(path, B, T, dims, form, decay, complex_a, complex_b, init, seed):
+    dims = dims[:1] if dims[0] * (dims[-1] if len(dims) > 1 else 1) > 600 else dims  # keep it small
+    args = make_inputs(B, T, dims, form, decay, complex_a, complex_b, init, seed=seed)
+    with kernels(path == "compiled"):
+        assert_same(run(diagonal_scan, args, mode="chunk", chunk_size=8), run(diagonal_scan, args, mode="reference"))
+
+
+def test_chunk_mode_uses_the_compiled_kernel_on_cpu(monkeypatch):
+    calls = []
+    real = compiled.scan
+    monkeypatch.setattr(compiled, "scan", lambda *a: calls.append(1) or real(*a))
+    log_a, b, h0 = make_inputs(2, 9, [3])
+    with kernels(True):
+        diagonal_scan(log_a, b, h0, mode="chunk")
+    assert calls, "the CPU chunk path should run the compiled kernel"
+    with kernels(False):
+        diagonal_scan(log_a, b, h0, mode="chunk")
+    assert len(calls) == 1, "with the kernels disabled the PyTorch path must run"
+
+
+def test_half_precision_goes_through_float32():
+    log_a, b, h0 = make_inputs(2, 30, [5], dtype=torch.float32)
+    h, _ = diagonal_scan(log_a, b.bfloat16(), h0.bfloat16(), mode="chunk")
+    assert h.dtype == torch.bfloat16
