@@ -1,5 +1,5 @@
 """Mamba, the selective state-space block (Gu & Dao, "Mamba: Linear-Time Sequence Modeling with
-Selective State Spaces", 2023), on ``recur.ops.scan.diagonal_scan``.
+Selective State Spaces", 2023), on ``recur.ops.selective.selective_scan``.
 
     x, z      = in_proj(u)                                  each [batch, time, d_inner]
     x         = SiLU(ShortConv(x))                          causal depthwise conv, kernel 4
@@ -19,11 +19,10 @@ Initialisation (the paper's Section 3.6 and its code): A_log = log(1..N) for eve
 dt_proj's weight uniform in +-dt_rank^-0.5 (dt_scale = 1); other linears and the conv at
 PyTorch's defaults.
 
-Modes: ``recurrent`` runs the reference scan over the whole call (materialising h for every
-step); ``chunk`` walks the sequence in blocks of chunk_size^2 steps, each a two-level chunked
-scan (chunk_size steps inside chunks + chunk_size steps across them) whose states are
-contracted with C_t inside the block, so at most one block of states
-[batch, block, d_inner, N] exists at a time (in inference; autograd keeps what backward needs).
+Modes: ``recurrent`` runs the selective scan's reference loop, one step at a time;
+``chunk`` its fast form: on CPU a compiled single pass that never holds the states of more
+than one step ([batch, d_inner, N]) plus checkpoints every 64 steps for backward; elsewhere
+blocks of chunk_size^2 steps of the two-level diagonal scan (see recur/ops/selective.py).
 The scan runs in at least float32 (bfloat16 inputs are computed in float32 and cast back).
 """
 
@@ -37,7 +36,7 @@ from torch import nn
 
 from recur.layers.base import Mixer
 from recur.layers.common import ShortConv
-from recur.ops.scan import diagonal_scan
+from recur.ops.selective import selective_scan
 from recur.registry import register
 from recur.state import State
 
@@ -111,20 +110,8 @@ class Mamba(Mixer):
         A = -self.A_log.to(work).exp()  # [d_inner, N]
         u, Bm, Cm = xs.to(work), Bm.to(work), Cm.to(work)
 
-        T = x.shape[1]
-        if self.mode == "recurrent":
-            block = T
-        else:
-            block = self.chunk_size**2
-        h, ys = state["h"].to(work), []
-        for s in range(0, T, block):
-            t = slice(s, s + block)
-            # discretisation: log dA = dt * A (<= 0), dB x = dt * B * x; both [batch, block, d_inner, N]
-            log_a = dt[:, t, :, None] * A
-            bx = (dt[:, t] * u[:, t])[..., None] * Bm[:, t, None, :]
-            hs, h = diagonal_scan(log_a, bx, h, mode=self.op_mode, chunk_size=self.chunk_size)
-            ys.append(torch.einsum("btdn,btn->btd", hs, Cm[:, t]))
-        y = torch.cat(ys, dim=1) + self.D.to(work) * u
+        y, h = selective_scan(u, dt, A, Bm, Cm, state["h"].to(work), mode=self.op_mode, chunk_size=self.chunk_size)
+        y = y + self.D.to(work) * u
         y = y * F.silu(z.to(work))
         return self.out_proj(y.to(x.dtype)), State(conv=conv_tail, h=h.to(x.dtype))
 
