@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from recur.ops import trace
+
 MODES = ("reference", "parallel")
 
 # Largest score block (queries x keys x batch x heads) one parallel step may materialise:
@@ -61,9 +63,9 @@ def attention(
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.shape[2] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1])
-    if mode == "reference":
-        return _reference(q, k, v, window, scale)
-    return _parallel(q, k, v, window, scale, query_block)
+    o = _reference(q, k, v, window, scale) if mode == "reference" else _parallel(q, k, v, window, scale, query_block)
+    trace.record(attention, dict(q=q, k=k, v=v, window=window, scale=scale, mode=mode), "v", None, o)
+    return o
 
 
 def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None, scale: float | None = None) -> torch.Tensor:

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from recur.ops import trace
+
 MODES = ("reference", "chunk", "parallel")
 SUB_CHUNK = 16  # sub-chunk length for per-dimension decays (pairwise tensor [sub, sub, d_k])
 
@@ -103,6 +105,8 @@ def gated_matrix(
     else:  # parallel: a single chunk over the (padded) sequence
         size = chunk_size if mode == "chunk" else SUB_CHUNK * math.ceil(T / SUB_CHUNK)
         o, S = _chunked(q, k, v, g, S, size, output_before_update, u)
+    trace.record(gated_matrix, dict(q=q, k=k, v=v, log_alpha=log_alpha, S0=S0, mode=mode, chunk_size=chunk_size,
+                                    output_before_update=output_before_update, bonus=bonus), "v", "S0", o)
     return o.to(dtype), S.to(dtype)
 
 

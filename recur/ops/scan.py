@@ -37,7 +37,7 @@ import math
 import torch
 from einops import rearrange
 
-from recur.ops import compiled
+from recur.ops import compiled, trace
 
 MODES = ("reference", "chunk")
 
@@ -80,6 +80,8 @@ def diagonal_scan(
         hs = compiled.scan(log_a, b, h)
     else:
         hs = _chunked(log_a, b, h, chunk_size)
+    trace.record(diagonal_scan, dict(log_a=log_a, b=b, h0=h, mode=mode, chunk_size=chunk_size), "b", "h0", hs,
+                 layout="channels", batched=("log_a", "b", "h0"))
     return hs.to(out), hs[:, -1].to(out)
 
 

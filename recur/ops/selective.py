@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from recur.ops import compiled
+from recur.ops import compiled, trace
 from recur.ops.scan import diagonal_scan
 
 MODES = ("reference", "chunk")
@@ -47,6 +47,8 @@ def selective_scan(u, dt, A, B, C, h0=None, *, mode: str = "chunk", chunk_size: 
         y, h = compiled.selective_scan(u, dt, A, B, C, h)
     else:
         y, h = _blocked(u, dt, A, B, C, h, chunk_size)
+    trace.record(selective_scan, dict(u=u, dt=dt, A=A, B=B, C=C, h0=h0, mode=mode, chunk_size=chunk_size), "u", "h0", y,
+                 layout="channels", batched=("u", "dt", "B", "C", "h0"))
     return y.to(out), h.to(out)
 
 
