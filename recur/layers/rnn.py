@@ -27,6 +27,7 @@ class Elman(Mixer):
     """
 
     modes = ("recurrent",)
+    state_formula = "d_model"
 
     def __init__(self, d_model: int, mode: str | None = None):
         super().__init__(d_model, mode)
@@ -141,6 +142,7 @@ class LSTM(_TorchLayoutCell):
 
     gates = 4
     state_keys = ("h", "c")
+    state_formula = "2 * d_model"
     torch_class = nn.LSTM
 
     def __init__(self, d_model: int, mode: str | None = None, forget_bias: float | None = 1.0):
@@ -177,6 +179,7 @@ class GRU(_TorchLayoutCell):
 
     gates = 3
     state_keys = ("h",)
+    state_formula = "d_model"
     torch_class = nn.GRU
 
     def _forward(self, x, state):
