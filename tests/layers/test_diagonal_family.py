@@ -17,14 +17,15 @@ def test_rglru_decays_start_on_the_papers_ring():
 
 
 def test_rglru_normalisation_keeps_white_noise_at_unit_variance():
-    """h_t = a h_{t-1} + sqrt(1 - a^2) x_t with unit white noise x has stationary variance 1."""
-    g = torch.Generator().manual_seed(1)
+    """h_t = a h_{t-1} + sqrt(1 - a^2) x_t: for unit white noise x, Var h_t = sum_k c_k^2 over the
+    impulse response c_k = sqrt(1 - a^2) a^k, which is 1 - a^(2(t+1)) -> 1 (exact, in float64)."""
     a = torch.tensor([0.5, 0.9, 0.99, 0.999], dtype=torch.float64)
-    log_a = torch.log(a).expand(1, 200_000, 4)
-    x = torch.randn(1, 200_000, 4, generator=g, dtype=torch.float64)
-    h, _ = diagonal_scan(log_a, torch.sqrt(-torch.expm1(2 * log_a)) * x)
-    var = h[0, 20_000:].var(dim=0)
-    assert torch.allclose(var, torch.ones_like(var), atol=0.1), var
+    T = 20_000
+    log_a = torch.log(a).expand(1, T, 4)
+    impulse = torch.zeros(1, T, 4, dtype=torch.float64)
+    impulse[:, 0] = 1.0
+    c, _ = diagonal_scan(log_a, torch.sqrt(-torch.expm1(2 * log_a)) * impulse)
+    torch.testing.assert_close((c[0] ** 2).sum(0), 1 - a ** (2 * T), rtol=1e-10, atol=1e-12)
 
 
 def test_hgrn_lower_bounds_grow_with_depth_and_bound_the_forget_gate():
@@ -35,6 +36,6 @@ def test_hgrn_lower_bounds_grow_with_depth_and_bound_the_forget_gate():
     x = torch.randn(2, 9, 16) * 10
     for m in lm.backbone.mixers:
         lam = m.forget_gate(x)
-        assert (lam >= m.lower_bound).all() and (lam < 1).all()
+        assert (lam >= m.lower_bound - 1e-6).all() and (lam <= 1).all()  # float32 rounding
     assert recur.build("hgrn", d_model=16).lower_bound == 0.0
     assert recur.build("hgrn", d_model=16, lower_bound=0.5).lower_bound == 0.5
