@@ -26,6 +26,10 @@ Time-padding steps have a = 1 and b = 0, which leave the state unchanged.
 a Ubiquitous Sequential Computation", for positive recurrences (minGRU, minLSTM): all in
 log space, one cumsum and one logcumsumexp.
 
+``stabilized_scan`` runs h_t = exp(log_a_t) h_{t-1} + exp(log_w_t) v_t with unbounded input
+exponents (RWKV-4's WKV), carrying h scaled by its running maximum exponent so that no
+exponential overflows; its chunk mode is ``diagonal_scan`` on the rescaled recurrence.
+
 Low-precision inputs (float16/bfloat16) are computed in float32 and cast back.
 """
 
@@ -184,3 +188,96 @@ def log_space_scan(
         L = torch.logaddexp(log_h0.to(work).unsqueeze(1), L)
     h = (a_star + L).exp()
     return h.to(out), h[:, -1].to(out)
+
+
+def stabilized_scan(
+    log_a: torch.Tensor,
+    log_w: torch.Tensor,
+    v: torch.Tensor,
+    h0: torch.Tensor | None = None,
+    m0: torch.Tensor | None = None,
+    *,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """h_t = exp(log_a_t) h_{t-1} + exp(log_w_t) v_t with unbounded log_w, kept in range by a running max.
+
+    The true state h is never formed (exp(log_w) overflows float32 for log_w > 88). Instead
+
+        m_t  = max(log_a_t + m_{t-1}, log_w_t)                  the running maximum exponent
+        h~_t = exp(-m_t) h_t
+             = exp(log_a_t + m_{t-1} - m_t) h~_{t-1} + exp(log_w_t - m_t) v_t
+
+    and both exponents are <= 0 by the definition of m_t. The initial state is (h0, m0) with
+    h0 meaning h~_0: the zero state is h~_0 = 0, m_0 = -inf (the default), and then m_t is exactly
+    the largest exponent log_w_j + sum_{j<s<=t} log_a_s among the terms of h_t, so every state's
+    (h~, m) is a function of the inputs alone, the same in every mode (RWKV-4's (aa, bb, pp)).
+
+    Shapes: log_w [batch, time, *mdims] sets the stabiliser's shape; log_a (real, <= 0) broadcasts
+    to log_w ([*mdims] time-invariant allowed); v [batch, time, *vdims] with log_w broadcastable to
+    it: the dimensions log_w is broadcast along share one stabiliser (RWKV-4 stacks the numerator
+    and denominator, [..., 2], under one m [..., 1]); h0 [batch, *vdims]; m0 [batch, *mdims].
+    Returns (h~ [batch, time, *vdims], m [batch, time, *mdims]); the final state is their last step.
+
+    m depends on the exponents only, so it is computed first: ``reference`` runs its recurrence
+    step by step; ``chunk`` runs it chunk by chunk: with c the chunk-local cumulative log_a
+    (inclusive), m_t = c_t + max(m_start, max_{j<=t} (log_w_j - c_j)), the last m passed to the
+    next chunk (chunk-local sums keep float32 precise). The scaled recurrence is then
+    ``diagonal_scan`` in the same mode (reference loop, or chunked) with
+    log a'_t = log_a_t + m_{t-1} - m_t and b_t = exp(log_w_t - m_t) v_t.
+    Low-precision inputs are computed in float32 and cast back.
+    """
+    if mode not in MODES:
+        raise ValueError(f"stabilized_scan mode must be one of {MODES}, got {mode!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check("stabilized_scan", log_a, log_w, m0, names=("log_a", "log_w", "m0"), allow_complex=False)
+    _check("stabilized_scan", log_w, v, h0, names=("log_w", "v", "h0"), allow_complex=False)
+    out = v.dtype
+    work = torch.float32 if out in (torch.float16, torch.bfloat16) else out
+    log_w, v = log_w.to(work), v.to(work)
+    log_a = log_a.to(work).reshape((1,) * (log_w.ndim - log_a.ndim) + tuple(log_a.shape))
+    h = v.new_zeros(v.shape[:1] + v.shape[2:]) if h0 is None else h0.to(work)
+    m = log_w.new_full(log_w.shape[:1] + log_w.shape[2:], -math.inf) if m0 is None else m0.to(work)
+
+    if mode == "reference":
+        ms = _running_max(log_a, log_w, m)
+    else:
+        ms = _running_max_chunked(log_a, log_w, m, chunk_size)
+    m_prev = torch.cat([m.unsqueeze(1), ms[:, :-1]], dim=1)
+    # m = -inf while every input so far had weight 0 (log_w = -inf, a mask): the state is 0 and
+    # stays 0; rebasing on 0 there keeps -inf - (-inf) out of the exponents.
+    base = torch.where(ms == -math.inf, 0.0, ms)
+    with trace.paused():  # the rescaled scan is an implementation detail, not a linear map of v
+        hs, _ = diagonal_scan(log_a + m_prev - base, (log_w - base).exp() * v, h, mode=mode, chunk_size=chunk_size)
+    return hs.to(out), ms.to(out)
+
+
+def _running_max(log_a, log_w, m):
+    """m_t = max(log_a_t + m_{t-1}, log_w_t), one step at a time. log_a: [batch or 1, time or 1, *mdims]."""
+    steps = log_a.unbind(1) if log_a.shape[1] > 1 else itertools.repeat(log_a[:, 0])
+    ms = []
+    for la_t, lw_t in zip(steps, log_w.unbind(1)):
+        m = torch.maximum(la_t + m, lw_t)
+        ms.append(m)
+    return torch.stack(ms, dim=1)
+
+
+def _running_max_chunked(log_a, log_w, m0, chunk_size: int):
+    """m_t = max(log_a_t + m_{t-1}, log_w_t) for all t, chunk by chunk (see ``stabilized_scan``)."""
+    B, T = log_w.shape[:2]
+    C = min(chunk_size, T)
+    n_chunks = math.ceil(T / C)
+    pad = n_chunks * C - T
+    log_a = log_a.expand(log_w.shape)
+    if pad:  # log_a = 0 and log_w = -inf: padding steps leave m unchanged
+        log_a = torch.cat([log_a, log_a.new_zeros(B, pad, *log_a.shape[2:])], dim=1)
+        log_w = torch.cat([log_w, log_w.new_full((B, pad, *log_w.shape[2:]), -math.inf)], dim=1)
+    c = rearrange(log_a, "b (n c) ... -> b n c ...", c=C).cumsum(dim=2)
+    best = (rearrange(log_w, "b (n c) ... -> b n c ...", c=C) - c).cummax(dim=2).values
+    m, ms = m0, []
+    for c_n, best_n in zip(c.unbind(1), best.unbind(1)):  # [batch, C, *mdims]
+        m_n = c_n + torch.maximum(m.unsqueeze(1), best_n)
+        ms.append(m_n)
+        m = m_n[:, -1]
+    return torch.cat(ms, dim=1)[:, :T]
