@@ -3,11 +3,14 @@ generation equal to full recomputation, sampling, patterns, errors."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import recur
 from recur import CausalLM, State
+from recur.models.lm import Backbone
 
 V = 37
 
@@ -27,7 +30,11 @@ def tokens(b, t, seed=0):
     return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", recur.list_models())
+# A causal LM takes every causal mixer; encoder layers (causal=False) are refused (see below).
+CAUSAL_MODELS = [n for n in recur.list_models() if recur.model_info(n).cls.causal]
+
+
+@pytest.mark.parametrize("name", CAUSAL_MODELS)
 def test_lm_state_carry_is_exact(name):
     lm = lm_for(name)
     x = tokens(2, 23)
@@ -38,7 +45,7 @@ def test_lm_state_carry_is_exact(name):
     assert s.num_floats() == lm.state_size(23) == s_full.num_floats()
 
 
-@pytest.mark.parametrize("name", recur.list_models())
+@pytest.mark.parametrize("name", CAUSAL_MODELS)
 def test_greedy_generation_equals_full_recomputation(name):
     lm = lm_for(name)
     prompt = tokens(2, 5, seed=1)
@@ -113,6 +120,18 @@ def test_bad_tokens_raise_clear_errors():
         lm(torch.full((1, 3), V))
     with pytest.raises(ValueError, match="unknown model or pattern 'sambaa'"):
         CausalLM(V, 16, 2, pattern="sambaa")
+
+
+@pytest.mark.parametrize("pattern,config,message", [
+    (["gla", "bidirectional"], {}, "layer 1 ('bidirectional') is not causal"),    # the encoder wrapper
+    ("gru", {"gru": {"bidirectional": True}}, "layer 0 ('gru') is not causal"),   # a mixer configured as an encoder
+])
+def test_causal_lm_refuses_a_non_causal_layer(pattern, config, message):
+    """A bidirectional layer would let position t read token t + 1, the very target it predicts."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CausalLM(V, 16, 2, pattern=pattern, mixer_config=config)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Backbone(16, 2, pattern, config)
 
 
 def test_readme_five_line_example():

@@ -102,6 +102,12 @@ class Backbone(nn.Module):
                   mlp=mlp, mlp_ratio=mlp_ratio)
             for i, n in enumerate(self.layer_names)
         )
+        for i, m in enumerate(self.mixers):
+            if not m.causal:
+                # An encoder layer (e.g. bidirectional) lets position t see tokens after t: a causal
+                # LM trained with it would learn to copy the next token, and generation would break.
+                raise ValueError(f"layer {i} ({self.layer_names[i]!r}) is not causal (causal=False, an encoder "
+                                 f"layer that reads the future); a Backbone / CausalLM needs causal mixers")
 
     @property
     def mixers(self) -> list[Mixer]:

@@ -5,6 +5,13 @@ checks; a newly registered model is tested with no new test code. Exactness chec
 in float64, where the only differences between modes are summation order: relative
 errors are ~1e-14, so RTOL/ATOL below leave four orders of magnitude of headroom while
 still catching any real mismatch (which shows up at 1e-3 or larger).
+
+Non-causal mixers (encoder wrappers, ``causal = False``) pass every check except two, which
+check the opposite or the encoder's own contract instead: causality (y[:, :t] must depend on
+x[:, t:] for some t: the mixer really reads the future) and state carry. For the latter a
+non-causal mixer exposes the hook ``directions()``: a tuple of (state entry, causal mixer,
+reversed) saying that entry ``key`` of the state it returns is the state ``mixer`` returns after
+reading x (reversed in time if ``reversed``) from entry ``key`` of the given state.
 """
 
 from __future__ import annotations
@@ -95,20 +102,26 @@ def test_bfloat16_forward(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_causality(name):
+    """Causal: changing x[:, t:] leaves y[:, :t] unchanged. Non-causal (an encoder): the opposite
+    for some t, so a mixer declaring causal=False really reads the future."""
     mixer = make(name)
-    if not mixer.causal:
-        pytest.fail("a registered mixer must be causal unless it is an encoder wrapper")
     x = randn(2, 29, D)
     for mode in mixer.modes:
         mixer.mode = mode
         y, _ = mixer(x)
+        reads_future = False
         for t in (0, 5, 17, 28):
             x2 = x.clone()
             x2[:, t:] = randn(2, 29 - t, D, seed=7 + t)
             y2, _ = mixer(x2)
-            close(y2[:, :t], y[:, :t], f"mode {mode}: output before t={t} changed when x[:, {t}:] changed")
+            if mixer.causal:
+                close(y2[:, :t], y[:, :t], f"mode {mode}: output before t={t} changed when x[:, {t}:] changed")
+            elif not torch.allclose(y2[:, :t], y[:, :t], rtol=RTOL, atol=ATOL):
+                reads_future = True
             if t < 28:
                 assert not torch.allclose(y2[:, t:], y[:, t:]), f"mode {mode}: output ignores the input"
+        if not mixer.causal:
+            assert reads_future, f"mode {mode}: causal=False, but y[:, :t] never depends on x[:, t:] (declare it causal)"
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -148,6 +161,9 @@ def test_modes_equal_reference_forward_and_backward(name):
 @pytest.mark.parametrize("name", MODELS)
 def test_state_carry_is_exact(name):
     mixer = make(name)
+    if not mixer.causal:
+        check_encoder_state(mixer)
+        return
     x = randn(2, 37, D, seed=6)
     for mode in mixer.modes:
         mixer.mode = mode
@@ -164,6 +180,35 @@ def test_state_carry_is_exact(name):
             ys.append(yt)
         close(torch.cat(ys, dim=1), y, f"mode {mode}: token-by-token stepping")
         states_close(state, s, f"mode {mode}: final state after stepping")
+
+
+def check_encoder_state(mixer):
+    """A non-causal mixer's state, through its ``directions()`` hook (see the module docstring):
+    each entry is exactly its causal mixer's state after reading x (or x reversed) from the given
+    entry, from the zero state and from a carried one (a split at several t: the directions that
+    read x in order then carry exactly); the given state changes the output."""
+    directions = getattr(mixer, "directions", None)
+    assert callable(directions), f"{mixer.name}: a non-causal mixer must expose directions() (its state-carry hook)"
+    x = randn(2, 37, D, seed=6)
+    for mode in mixer.modes:
+        mixer.mode = mode
+        y, s = mixer(x)
+        assert {key for key, _, _ in directions()} == set(s), f"mode {mode}: directions() must name every state entry"
+        for key, inner, reverse in directions():
+            assert inner.causal, f"{key}: a direction must be a causal mixer"
+            _, expected = inner(x.flip(1) if reverse else x)
+            states_close(s[key], expected, f"mode {mode}: state entry {key!r} vs its mixer after x{' reversed' if reverse else ''}")
+        for t in (1, 8, 20, 36):
+            _, s1 = mixer(x[:, :t])
+            y2, s2 = mixer(x[:, t:], s1)
+            for key, inner, reverse in directions():
+                if reverse:
+                    _, expected = inner(x[:, t:].flip(1), s1[key])
+                    states_close(s2[key], expected, f"mode {mode}: entry {key!r} after x[:, {t}:] reversed from the carried state")
+                else:
+                    states_close(s2[key], s[key], f"mode {mode}: entry {key!r} carried across a split at t={t}")
+            y2_fresh, _ = mixer(x[:, t:])
+            assert not torch.allclose(y2, y2_fresh), f"mode {mode}: the given state does not change the output (t={t})"
 
 
 @pytest.mark.parametrize("name", MODELS)
