@@ -1,21 +1,40 @@
-"""The (gated) delta rule, per head:
+"""The (gated) delta rule and its generalisation, the diagonal-plus-low-rank (DPLR) delta rule.
+
+``delta_rule``, per head:
 
     S_t = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T ;   o_t = S_t^T q_t
 
 DeltaNet has alpha_t = 1; Gated DeltaNet has a per-head scalar alpha_t = exp(log_alpha_t).
 No normalisation or scaling happens here: the layer L2-normalises q, k and scales q.
 
-Modes
+``dplr_delta``, per head (RWKV-7's "generalised delta rule"):
+
+    S_t = (Diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T ;   o_t = S_t^T q_t,   w_t = exp(log_w_t)
+
+i.e. S_t = Diag(w_t) S_{t-1} + b_t (S_{t-1}^T a_t)^T + k_t v_t^T: the state is read at key a_t
+(before this step's decay) and the read is written back at key b_t. w_t may differ per key
+dimension. The delta rule is the special case log_w_t = log alpha_t (every dimension),
+a_t = k_t, b_t = -alpha_t beta_t k_t and the written key beta_t k_t. RWKV-7 has
+a_t = -kappa_t, b_t = kappa_t * a~_t (kappa the normalised removal key, a~ the in-context
+learning rate) and the replacement key k~_t.
+
+Modes (both functions; all equal to ``reference`` up to summation order)
     reference  the sequential loop (the oracle).
     chunk      the chunkwise WY / UT-transform form of Yang et al. 2024, "Parallelizing
                Linear Transformers with the Delta Rule over Sequence Length", with the
-               decay of "Gated Delta Networks: Improving Mamba2 with Delta Rule".
+               decay of "Gated Delta Networks: Improving Mamba2 with Delta Rule"; for
+               ``dplr_delta`` the same form with per-dimension decays, every exponent <= 0
+               (see ``_dplr_chunk`` and ``_decayed_scores``).
 
 Shapes: q, k: [batch, heads, time, d_k]; v: [batch, heads, time, d_v];
 beta, log_alpha: [batch, heads, time]; S0 and the returned state: [batch, heads, d_k, d_v].
+``dplr_delta`` also takes a, b: [batch, heads, time, d_k] and log_w: [batch, heads, time, d_k]
+(per key dimension) or [batch, heads, time] (per head).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -144,3 +163,170 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
     o = q_dec @ Sc + P @ (U0 - W @ Sc)
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]
     return o, S
+
+
+# ------------------------------------------------------------------------------------------
+# The diagonal-plus-low-rank (generalised) delta rule
+# ------------------------------------------------------------------------------------------
+def dplr_delta(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    log_w: torch.Tensor | None,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    S0: torch.Tensor | None = None,
+    *,
+    mode: str = "chunk",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """S_t = (Diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t; returns (o, S_last).
+
+    q, k, a, b: [batch, heads, time, d_k]; v: [batch, heads, time, d_v]; ``log_w`` (<= 0) the
+    log decay per key dimension [batch, heads, time, d_k], per head [batch, heads, time], or
+    None (w = 1); S0: [batch, heads, d_k, d_v] or None (zeros). o: [batch, heads, time, d_v].
+    The rank-one term reads the state at key a_t before the step's decay and writes the read
+    back at key b_t. Half-precision inputs are computed in float32 and returned in their dtype.
+    """
+    _check_dplr(q, k, v, log_w, a, b, S0)
+    if mode not in MODES:
+        raise ValueError(f"dplr_delta mode must be one of {MODES}, got {mode!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    dtype = q.dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    B, H, T, Dk = q.shape
+    q, k, v, a, b = (t.to(work) for t in (q, k, v, a, b))
+    S = q.new_zeros(B, H, Dk, v.shape[-1]) if S0 is None else S0.to(work)
+    # decays as [batch, heads, time, G], G = d_k (per dimension) or 1 (per head)
+    g = q.new_zeros(B, H, T, 1) if log_w is None else log_w.to(work)
+    g = g if g.ndim == 4 else g.unsqueeze(-1)
+    if mode == "reference":
+        o, S = _dplr_reference(q, k, v, g, a, b, S)
+    else:
+        o, S = _dplr_chunk(q, k, v, g, a, b, S, chunk_size)
+    return o.to(dtype), S.to(dtype)
+
+
+def _check_dplr(q, k, v, log_w, a, b, S0) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v), ("log_w", log_w), ("a", a), ("b", b), ("S0", S0)):
+        if t is not None and (not isinstance(t, torch.Tensor) or not t.is_floating_point()):
+            raise TypeError(f"dplr_delta: {name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+    if q.ndim != 4:
+        raise ValueError(f"dplr_delta: q must be [batch, heads, time, d_k], got {tuple(q.shape)}")
+    B, H, T, Dk = q.shape
+    for name, t in (("k", k), ("a", a), ("b", b)):
+        if t.shape != q.shape:
+            raise ValueError(f"dplr_delta: {name} must have q's shape [batch, heads, time, d_k]={tuple(q.shape)}, "
+                             f"got {tuple(t.shape)}")
+    if v.ndim != 4 or v.shape[:3] != (B, H, T):
+        raise ValueError(f"dplr_delta: v must be [batch={B}, heads={H}, time={T}, d_v], got {tuple(v.shape)}")
+    if log_w is not None and tuple(log_w.shape) not in ((B, H, T, Dk), (B, H, T)):
+        raise ValueError(f"dplr_delta: log_w must be [batch, heads, time, d_k]={(B, H, T, Dk)} or "
+                         f"[batch, heads, time]={(B, H, T)} or None, got {tuple(log_w.shape)}")
+    if S0 is not None and tuple(S0.shape) != (B, H, Dk, v.shape[-1]):
+        raise ValueError(f"dplr_delta: S0 must be [batch={B}, heads={H}, d_k={Dk}, d_v={v.shape[-1]}] or None, "
+                         f"got {tuple(S0.shape)}")
+
+
+def _dplr_reference(q, k, v, g, a, b, S):
+    """The loop: read r = S^T a, then S = w * S + b r^T + k v^T, then o = S^T q."""
+    steps = zip(*(t.unbind(2) for t in (g.exp().unsqueeze(-1), q.unsqueeze(-2), k.unsqueeze(-1),
+                                         v.unsqueeze(-2), a.unsqueeze(-2), b.unsqueeze(-1))))
+    outs = []
+    for w_t, q_t, k_t, v_t, a_t, b_t in steps:  # w_t [b, h, G, 1]; q_t, a_t [b, h, 1, d_k]; k_t, b_t [b, h, d_k, 1]
+        read = a_t @ S  # [b, h, 1, d_v]
+        S = torch.addcmul(torch.addcmul(w_t * S, b_t, read), k_t, v_t)
+        outs.append(q_t @ S)
+    return torch.cat(outs, dim=2), S
+
+
+def _dplr_chunk(q, k, v, g, a, b, S, chunk_size):
+    """Chunkwise form of S_i = Diag(w_i) S_{i-1} + b_i u_i^T + k_i v_i^T, u_i = S_{i-1}^T a_i.
+
+    Inside a chunk (entering state S, positions i = 0..C-1) let c_i be the cumulative log decay
+    through step i (per key dimension) and c'_i = c_{i-1} the one before it (c'_0 = 0). Unrolling,
+    with the decayed scores X_Y[i, j] = sum_d x_id y_jd exp(cx_id - cy_jd) (``_decayed_scores``):
+
+        u_i = S^T (a_i e^{c'_i}) + sum_{j<i} A_ak[i, j] v_j + sum_{j<i} A_ab[i, j] u_j    (exponents c'_i - c_j)
+        o_i = S^T (q_i e^{c_i})  + sum_{j<=i} A_qk[i, j] v_j + sum_{j<=i} A_qb[i, j] u_j  (exponents c_i - c_j)
+
+    so (I - A_ab) U = diag(e^{c'}) A S + A_ak V, a unit lower triangular system (the UT transform):
+    with W = (I - A_ab)^{-1} (A * e^{c'}) and U0 = (I - A_ab)^{-1} A_ak V (one solve for both),
+        U      = U0 + W S
+        O      = (Q * e^c) S + A_qk V + A_qb U
+        S_next = e^{c_last} S + (K * e^{c_last - c})^T V + (B * e^{c_last - c})^T U.
+    Only the state crosses chunks. The chunk length is ``chunk_size`` rounded up to a power of two
+    (and no longer than T rounded up likewise), as ``_decayed_scores`` halves chunks recursively.
+    """
+    B, H, T, Dk = k.shape
+    C = 1 << (min(chunk_size, T) - 1).bit_length()
+    n = math.ceil(T / C)
+    pad = n * C - T
+    if pad:  # padded steps have q = k = v = a = b = 0 and w = 1: they leave the state unchanged
+        q, k, v, a, b, g = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, a, b, g))
+    q, k, v, a, b, g = (rearrange(t, "b h (n c) d -> b h n c d", c=C) for t in (q, k, v, a, b, g))
+    c = g.cumsum(-2)  # through step i: [b, h, n, C, G]
+    c_before = F.pad(c[..., :-1, :], (0, 0, 1, 0))  # through step i-1 (the read happens before the decay)
+    c_last = c[..., -1:, :]
+
+    # Scores sharing a query and its decays are computed together: the two key sets are stacked on
+    # a leading dimension that the query and the decays broadcast over.
+    A_ab, A_ak = _decayed_scores(a, torch.stack([b, k]), c_before, c, strict=True).unbind(0)
+    A_qk, A_qb = _decayed_scores(q, torch.stack([k, b]), c, c, strict=False).unbind(0)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    rhs = torch.cat([a * c_before.exp(), A_ak @ v], dim=-1)
+    WU = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
+    W, U0 = WU.split([Dk, v.shape[-1]], dim=-1)
+    to_end = (c_last - c).exp()
+    b_end = b * to_end
+    kv_end = (k * to_end).transpose(-1, -2) @ v  # [b, h, n, d_k, d_v]
+    decay = c_last.exp().transpose(-1, -2)  # [b, h, n, G, 1]
+
+    states = []
+    for U0_c, W_c, b_c, kv_c, decay_c in zip(*(t.unbind(2) for t in (U0, W, b_end, kv_end, decay))):
+        states.append(S)
+        U = U0_c + W_c @ S
+        S = decay_c * S + kv_c + b_c.transpose(-1, -2) @ U
+    Sc = torch.stack(states, dim=2)  # the state entering each chunk: [b, h, n, d_k, d_v]
+    o = (q * c.exp()) @ Sc + A_qk @ v + A_qb @ (U0 + W @ Sc)
+    o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]
+    return o, S
+
+
+def _decayed_scores(x, y, cx, cy, strict: bool):
+    """A[i, j] = sum_d x_id y_jd exp(cx_id - cy_jd) for j <= i (j < i if ``strict``), else 0.
+
+    x, y: [..., C, d] (leading dimensions broadcast); cx, cy: [..., C, G] cumulative log decays,
+    G = d (per dimension) or 1 (per head), non-increasing along C with cx_i <= cy_j whenever
+    j <= i (j < i if strict) and cx_i <= cy_i. C must be a power of two. Returns [..., C, C].
+
+    Every exponent is <= 0, so decays that underflow give exact zeros, never inf or NaN. With one
+    decay per head the masked pairwise differences are exponentiated directly. Per dimension, the
+    chunk is halved recursively: for each block, the pairs (i in its second half, j in its first)
+    go through the reference point r = cy at the end of the first half,
+        x_i e^{cx_i - r} . y_j e^{r - cy_j}     (both exponents <= 0),
+    one matmul per level: log2(C) levels of O(C d) scaling instead of a [C, C, d] tensor.
+    """
+    C = x.shape[-2]
+    if cy.shape[-1] == 1:
+        causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+        diff = (cx - cy.transpose(-1, -2)).masked_fill(~causal, -math.inf)
+        return (x @ y.transpose(-1, -2)) * diff.exp()
+    lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], cx.shape[:-2], cy.shape[:-2])
+    if strict:
+        A = x.new_zeros(*lead, C, 1, 1)
+    else:
+        A = (x * y * (cx - cy).exp()).sum(-1).expand(*lead, C)[..., None, None]
+    h = 1
+    while h < C:  # blocks of size h (A: [..., C / h, h, h]) are paired into blocks of size 2h
+        halves = lambda t: t.unflatten(-2, (C // (2 * h), 2, h))  # noqa: E731  [..., blocks, 2, h, d]
+        xs, cxs = halves(x)[..., 1, :, :], halves(cx)[..., 1, :, :]  # queries: second halves
+        ys, cys = halves(y)[..., 0, :, :], halves(cy)[..., 0, :, :]  # keys: first halves
+        r = cys[..., -1:, :]
+        cross = (xs * (cxs - r).exp()) @ (ys * (r - cys).exp()).transpose(-1, -2)  # [..., blocks, h, h]
+        A = A.unflatten(-3, (C // (2 * h), 2))  # [..., blocks, 2, h, h]
+        first, second = A[..., 0, :, :], A[..., 1, :, :]
+        A = torch.cat([torch.cat([first, torch.zeros_like(first)], -1), torch.cat([cross, second], -1)], -2)
+        h *= 2
+    return A.squeeze(-3)

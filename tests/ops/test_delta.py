@@ -1,4 +1,5 @@
-"""The (gated) delta rule: the chunkwise WY form equals the sequential reference.
+"""The (gated) delta rule and the DPLR (generalised) delta rule: the chunkwise WY forms equal
+the sequential references.
 
 Exactness checks run in float64, where modes differ only in summation order (~1e-14),
 so RTOL/ATOL leave orders of magnitude of headroom while catching any real mismatch.
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recur.ops.delta import delta_rule
+from recur.ops.delta import delta_rule, dplr_delta
+from recur.ops.gated import gated_matrix
 
 RTOL, ATOL = 1e-8, 1e-10
 
@@ -171,3 +173,188 @@ def test_bad_shapes_raise_naming_the_expected_shape():
         delta_rule(q, k, v, b, mode="parallel")
     with pytest.raises(ValueError, match="chunk_size"):
         delta_rule(q, k, v, b, chunk_size=0)
+
+
+# ------------------------------------------------------------------------------------------
+# dplr_delta: S_t = (Diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t
+# ------------------------------------------------------------------------------------------
+# Low-rank terms: RWKV-7's (a = -kappa, b = kappa * lr, |kappa| = 1, lr in (0, 1)), the delta rule's
+# (a = k, b = -alpha beta k with beta up to 2), and unstructured small vectors (|b^T a| < 1).
+LOW_RANK = ("rwkv7", "delta", "random")
+# log w: per key dimension or per head, typical / underflowing within a chunk / ~1, or none
+W_DECAYS = {"none": None, "typical": (-1.0, 0.0), "near0": (-31.0, -29.0), "near1": (-2e-4, 0.0)}
+
+
+def dplr_inputs(B, H, T, Dk, Dv, low_rank="rwkv7", decay="typical", per_dim=True, init=True,
+                dtype=torch.float64, seed=0):
+    """(q, k, v, log_w, a, b, S0) for dplr_delta."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=dtype)
+
+    q = torch.randn(B, H, T, Dk, generator=g, dtype=dtype)
+    k = torch.randn(B, H, T, Dk, generator=g, dtype=dtype) / Dk**0.5
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=dtype)
+    shape = (B, H, T, Dk) if per_dim else (B, H, T)
+    log_w = None if W_DECAYS[decay] is None else uniform(*W_DECAYS[decay], *shape)
+    unit = F.normalize(torch.randn(B, H, T, Dk, generator=g, dtype=dtype), dim=-1)
+    if low_rank == "rwkv7":
+        a, b = -unit, unit * uniform(0.0, 1.0, B, H, T, Dk)
+    elif low_rank == "delta":
+        alpha = torch.ones(B, H, T, 1, dtype=dtype) if log_w is None else log_w.exp().reshape(B, H, T, -1)
+        a, b = unit, -alpha * uniform(0.0, 2.0, B, H, T, 1) * unit
+    else:
+        a, b = unit, 0.9 * F.normalize(torch.randn(B, H, T, Dk, generator=g, dtype=dtype), dim=-1)
+    S0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=dtype) if init else None
+    return q, k, v, log_w, a, b, S0
+
+
+def run_dplr(args, mode, chunk_size=64, seed=1):
+    """Output, final state and gradients of a loss touching both, w.r.t. every input."""
+    args = [None if t is None else t.clone().requires_grad_(True) for t in args]
+    o, S = dplr_delta(*args, mode=mode, chunk_size=chunk_size)
+    g = torch.Generator().manual_seed(seed)
+    w_o, w_S = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (o, S))
+    loss = (o * w_o).sum() + (S * w_S).sum()
+    return o.detach(), S.detach(), torch.autograd.grad(loss, [t for t in args if t is not None])
+
+
+def assert_dplr_modes_agree(args, chunk_size):
+    o_ref, S_ref, g_ref = run_dplr(args, "reference")
+    o, S, g = run_dplr(args, "chunk", chunk_size)
+    torch.testing.assert_close(o, o_ref, rtol=RTOL, atol=ATOL, msg=lambda m: f"output: {m}")
+    torch.testing.assert_close(S, S_ref, rtol=RTOL, atol=ATOL, msg=lambda m: f"final state: {m}")
+    for i, (x, y) in enumerate(zip(g, g_ref)):
+        torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL, msg=lambda m: f"gradient of input {i}: {m}")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    B=st.integers(1, 2), H=st.integers(1, 2), T=st.integers(1, 40), Dk=st.integers(1, 6), Dv=st.integers(1, 6),
+    chunk_size=st.sampled_from([1, 3, 4, 8, 16, 64]), low_rank=st.sampled_from(LOW_RANK),
+    decay=st.sampled_from(sorted(W_DECAYS)), per_dim=st.booleans(), init=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_dplr_chunk_equals_reference_forward_and_gradients(B, H, T, Dk, Dv, chunk_size, low_rank, decay, per_dim, init, seed):
+    args = dplr_inputs(B, H, T, Dk, Dv, low_rank, decay, per_dim, init, seed=seed)
+    assert_dplr_modes_agree(args, chunk_size)
+
+
+@pytest.mark.parametrize("decay", sorted(W_DECAYS))
+@pytest.mark.parametrize("T", [1, 47, 64, 65, 130])
+def test_dplr_odd_lengths_and_partial_chunks_equal_reference(decay, T):
+    """One step, a length padded to a multiple of 16 (47 -> 48), and lengths around the chunk size."""
+    assert_dplr_modes_agree(dplr_inputs(1, 2, T, 8, 8, decay=decay, seed=T), chunk_size=64)
+
+
+def test_dplr_reference_is_the_paper_layout_recurrence_transposed():
+    """The loop equals RWKV-7's state update written in its own layout, S' = S^T: [d_v, d_k],
+    S'_t = S'_{t-1} (Diag(w_t) + a_t b_t^T) + v_t k_t^T, o_t = S'_t q_t (the official kernel's
+    sa = S' a; S' = S' diag(w) + sa b^T + v k^T)."""
+    q, k, v, log_w, a, b, S0 = dplr_inputs(2, 2, 9, 3, 4)
+    o_ref, S_ref = dplr_delta(q, k, v, log_w, a, b, S0, mode="reference")
+    S = S0.transpose(-1, -2)  # [b, h, d_v, d_k]
+    outs = []
+    for t in range(q.shape[2]):
+        col = lambda x: x[:, :, t, :, None]  # noqa: E731
+        transition = torch.diag_embed(log_w[:, :, t].exp()) + col(a) @ col(b).transpose(-1, -2)
+        S = S @ transition + col(v) @ col(k).transpose(-1, -2)
+        outs.append((S @ col(q)).squeeze(-1))
+    torch.testing.assert_close(o_ref, torch.stack(outs, dim=2), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S_ref, S.transpose(-1, -2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk"])
+@pytest.mark.parametrize("decay", ["none", "typical", "near0"])
+def test_dplr_with_delta_rule_terms_is_the_delta_rule(mode, decay):
+    """log w = log alpha, a = k, b = -alpha beta k and the written key beta k give
+    alpha (I - beta k k^T) S + beta k v^T: dplr_delta equals delta_rule, forward and state."""
+    q, k, v, beta, log_alpha, S0 = inputs(2, 2, 29, 5, 3, beta="upto2", decay=decay)
+    alpha = 1.0 if log_alpha is None else log_alpha.exp()[..., None]
+    o_ref, S_ref = delta_rule(q, k, v, beta, log_alpha, S0, mode="reference")
+    bk = beta[..., None] * k
+    o, S = dplr_delta(q, bk, v, log_alpha, k, -alpha * bk, S0, mode=mode, chunk_size=8)
+    torch.testing.assert_close(o, o_ref, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(S, S_ref, rtol=RTOL, atol=ATOL)
+
+
+def test_dplr_without_low_rank_term_is_gated_linear_attention():
+    """b = 0 removes the rank-one term: S_t = Diag(w_t) S_{t-1} + k_t v_t^T (gated_matrix)."""
+    q, k, v, log_w, a, b, S0 = dplr_inputs(2, 2, 29, 5, 3)
+    o_ref, S_ref = gated_matrix(q, k, v, log_w, S0, mode="reference")
+    for mode in ("reference", "chunk"):
+        o, S = dplr_delta(q, k, v, log_w, a, torch.zeros_like(b), S0, mode=mode, chunk_size=8)
+        torch.testing.assert_close(o, o_ref, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(S, S_ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("mode", ["reference", "chunk"])
+def test_dplr_state_carry_is_exact(mode):
+    args = dplr_inputs(2, 2, 29, 4, 3)
+    o, S = dplr_delta(*args, mode=mode, chunk_size=8)
+    q, k, v, log_w, a, b, S0 = args
+    for t in (1, 8, 13, 28):
+        first = [x[:, :, :t] for x in (q, k, v, log_w, a, b)]
+        rest = [x[:, :, t:] for x in (q, k, v, log_w, a, b)]
+        o1, S1 = dplr_delta(*first, S0, mode=mode, chunk_size=8)
+        o2, S2 = dplr_delta(*rest, S1, mode=mode, chunk_size=8)
+        torch.testing.assert_close(torch.cat([o1, o2], dim=2), o, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(S2, S, rtol=RTOL, atol=ATOL)
+
+
+def test_dplr_chunk_size_does_not_change_the_result():
+    args = dplr_inputs(1, 2, 50, 5, 3)
+    o, S = dplr_delta(*args, mode="chunk", chunk_size=64)
+    for C in (1, 7, 16, 50):
+        o2, S2 = dplr_delta(*args, mode="chunk", chunk_size=C)
+        torch.testing.assert_close(o2, o, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(S2, S, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("decay", ["near0", "near1", "typical"])
+def test_dplr_extreme_decays_stay_finite_and_accurate_in_float32(decay):
+    """Per-dimension log w = -30 per step underflows e^{c} within a chunk; -1e-4 keeps the whole
+    history. Both float32 modes stay finite and within 1e-5 of the float64 reference, relative to
+    each tensor's scale (float32 eps is 1.2e-7; 150 steps of sums add a few ulps each); gradients
+    use the largest gradient entry as scale, as in the delta-rule test above."""
+    args = dplr_inputs(2, 2, 150, 8, 8, decay=decay, dtype=torch.float32)
+    o64, S64, g64 = run_dplr([None if t is None else t.double() for t in args], "reference")
+    scale = max(float(g.abs().max()) for g in g64)
+    for mode in ("reference", "chunk"):
+        o, S, grads = run_dplr(args, mode)
+        assert torch.isfinite(o).all() and torch.isfinite(S).all(), f"{mode}: non-finite forward"
+        assert all(torch.isfinite(g).all() for g in grads), f"{mode}: non-finite gradient"
+        torch.testing.assert_close(o.double(), o64, rtol=1e-5, atol=1e-5 * float(o64.abs().max()))
+        torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-5 * float(S64.abs().max()))
+        for i, (x, y) in enumerate(zip(grads, g64)):
+            torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{mode}, gradient {i}: {m}")
+
+
+def test_dplr_half_precision_is_computed_in_float32():
+    args = dplr_inputs(1, 2, 20, 4, 4, dtype=torch.float32)
+    o32, S32 = dplr_delta(*args, mode="chunk", chunk_size=8)
+    o16, S16 = dplr_delta(*(None if t is None else t.bfloat16() for t in args), mode="chunk", chunk_size=8)
+    assert o16.dtype == S16.dtype == torch.bfloat16
+    torch.testing.assert_close(o16.float(), o32, rtol=0.05, atol=0.05)  # bfloat16 inputs carry ~3 digits
+
+
+def test_dplr_bad_shapes_raise_naming_the_expected_shape():
+    q, k, v, log_w, a, b, S0 = dplr_inputs(2, 2, 5, 4, 3)
+    with pytest.raises(ValueError, match="k must have q's shape"):
+        dplr_delta(q, k[..., :3], v, log_w, a, b)
+    with pytest.raises(ValueError, match="a must have q's shape"):
+        dplr_delta(q, k, v, log_w, a[:, :1], b)
+    with pytest.raises(ValueError, match="b must have q's shape"):
+        dplr_delta(q, k, v, log_w, a, b[:, :, :4])
+    with pytest.raises(ValueError, match=r"v must be \[batch=2"):
+        dplr_delta(q, k, v[:, :, :4], log_w, a, b)
+    with pytest.raises(ValueError, match="log_w"):
+        dplr_delta(q, k, v, log_w[..., :3], a, b)
+    with pytest.raises(ValueError, match=r"d_v=3"):
+        dplr_delta(q, k, v, log_w, a, b, S0[..., :2])
+    with pytest.raises(TypeError, match="floating"):
+        dplr_delta(q, k, v, log_w, a.long(), b)
+    with pytest.raises(ValueError, match="mode"):
+        dplr_delta(q, k, v, log_w, a, b, mode="parallel")
+    with pytest.raises(ValueError, match="chunk_size"):
+        dplr_delta(q, k, v, log_w, a, b, chunk_size=0)
