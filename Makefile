@@ -20,10 +20,10 @@ bench: $(STAMP)
 	$(BIN)/recur bench
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m ""
+	$(BIN)/python -m pytest -n auto -m ""
 
 clean:
 	rm -rf $(VENV) build *.egg-info
