@@ -440,13 +440,17 @@ def run(only: Iterable[str] | None = None, quick: bool = False, threads: int | N
         hints = {n: difflib.get_close_matches(n, CASES, n=1) for n in unknown}
         shown = ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
         raise ValueError(f"unknown speed case {shown}; cases are: {', '.join(CASES)}")
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
-    machine = measure_machine(quick)
-    results = []
-    for n in names:
-        if on_case:
-            on_case(n)
-        results += CASES[n](machine, quick)
+    try:
+        machine = measure_machine(quick)
+        results = []
+        for n in names:
+            if on_case:
+                on_case(n)
+            results += CASES[n](machine, quick)
+    finally:  # a library call must not leave the process's thread count changed
+        torch.set_num_threads(previous)
     return {"machine": asdict(machine), "quick": quick, "torch": torch.__version__,
             "python": sys.version.split()[0], "results": [r.as_json() for r in results]}
 

@@ -2,10 +2,21 @@
 faster for them than two, and keeps the suite from oversubscribing a 2-core machine (torch's
 threaded kernels on [1, 2, 64, 16] tensors cost milliseconds per step under contention)."""
 
+import pytest
 import torch
 from hypothesis import settings
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Every test starts with one thread, whatever the previous test in this worker set: two
+    threads per worker on a 2-core machine under xdist made later tests up to 30x slower (``recur.speed.run``
+    used to leave torch at two threads)."""
+    torch.set_num_threads(1)
+    yield
+
 
 # Property tests draw the same examples on every run: a CI failure is reproducible, never luck.
 settings.register_profile("recur", derandomize=True, print_blob=True)
