@@ -36,6 +36,9 @@ def implicit_attention(mixer: Mixer, x: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(mixer, Mixer):
         raise TypeError(f"implicit_attention needs a recur mixer, got {type(mixer).__name__}")
+    if not mixer.linear_recurrence:
+        raise TypeError(f"{mixer.name}: implicit attention is defined for mixers with one linear recurrence; "
+                        "it has no linear recurrence (its linear part feeds a nonlinear one)")
     saved = mixer.mode
     try:
         # chunk mode runs the primitives that record themselves (minGRU's parallel mode is a

@@ -11,7 +11,10 @@ from recur.analysis import implicit_attention
 from recur.ops import trace
 
 D, T = 16, 13
-LINEAR = ["gla", "retnet", "linear_attention", "lru", "mingru", "minlstm", "mamba", "attention", "swa", "rwkv6"]
+# every mixer whose output is one linear recurrence (or attention) of its values, given its gates
+LINEAR = ["gla", "retnet", "linear_attention", "lru", "mingru", "minlstm", "mamba", "attention", "swa", "rwkv6",
+          "deltanet", "gated_deltanet", "longhorn", "rwkv7", "mamba2", "mlstm", "hgrn", "hgrn2", "lightnet", "rglru",
+          "gateloop", "s4d", "aaren"]
 
 
 def _recorded(mixer, x):
@@ -66,6 +69,34 @@ def test_diagonal_family_is_the_product_of_decays():
     torch.testing.assert_close(A, want, rtol=1e-10, atol=1e-12)
 
 
-def test_nonlinear_mixers_are_refused_clearly():
+@pytest.mark.parametrize("name", ["lstm", "scrn", "titans", "titans_mac", "moneta"])
+def test_nonlinear_mixers_are_refused_clearly(name):
+    """Including those whose nonlinear cell is fed by a linear primitive (SCRN's context scan,
+    Titans-MAC's attention): the map of that part is not the layer's."""
     with pytest.raises(TypeError, match="no linear recurrence"):
-        implicit_attention(recur.build("lstm", d_model=D), torch.randn(1, 5, D))
+        implicit_attention(recur.build(name, d_model=D), torch.randn(1, 5, D))
+
+
+def test_delta_rule_attention_is_the_product_of_householder_like_transitions():
+    """DeltaNet's map from the definition: A[t, j] = q_t^T P_{t..j+1} beta_j k_j, with
+    P_i = I - beta_i k_i k_i^T applied from the write at j up to t."""
+    from recur.ops.delta import delta_rule
+
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.nn.functional.normalize(torch.randn(1, 1, 6, 4, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
+    beta = torch.rand(1, 1, 6, generator=g, dtype=torch.float64)
+    with torch.no_grad(), trace.recording() as calls:
+        delta_rule(q, k, torch.randn(1, 1, 6, 3, generator=g, dtype=torch.float64), beta)
+    from recur.analysis import attention_of_call
+
+    A = attention_of_call(calls[0])[0, 0]
+    eye = torch.eye(4, dtype=torch.float64)
+    for t in range(6):
+        for j in range(6):
+            if j > t:
+                assert A[t, j] == 0
+                continue
+            w = beta[0, 0, j] * k[0, 0, j]  # the key written at j, then carried by the later transitions
+            for i in range(j + 1, t + 1):
+                w = (eye - beta[0, 0, i] * torch.outer(k[0, 0, i], k[0, 0, i])) @ w
+            torch.testing.assert_close(A[t, j], q[0, 0, t] @ w, rtol=1e-10, atol=1e-12)

@@ -35,6 +35,10 @@ class Mixer(nn.Module, ABC):
     # The state size as a Python expression over the mixer's int attributes and T (tokens seen),
     # e.g. "n_heads * key_dim * value_dim"; the conformance suite checks it against state_size.
     state_formula: str = ""
+    # False where a primitive that records itself (recur.ops.trace) is only a part of a
+    # nonlinear layer (SCRN's context scan, Titans-MAC's attention): recur.analysis.implicit_attention
+    # then refuses the mixer instead of returning the map of that part.
+    linear_recurrence: bool = True
 
     def __init__(self, d_model: int, mode: str | None = None):
         super().__init__()

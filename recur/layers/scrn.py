@@ -51,6 +51,7 @@ class SCRN(Mixer):
     """
 
     modes = ("recurrent",)
+    linear_recurrence = False  # the context scan feeds a sigmoid RNN
     state_formula = "d_hidden + d_context"
 
     def __init__(

@@ -271,6 +271,7 @@ class _TitansBase(Mixer):
     """Options shared by the four mixers (see the module docstring)."""
 
     modes = ("chunk", "recurrent")
+    linear_recurrence = False  # a test-time-trained MLP (and attention over its reads)
     rotary_heads = False  # attention with rotary positions needs an even head_dim
 
     def __init__(self, d_model: int, mode: str | None = None, *, n_heads: int | None = None, head_dim: int | None = None,

@@ -24,7 +24,7 @@ Modes (both functions; all equal to ``reference`` up to summation order)
                Linear Transformers with the Delta Rule over Sequence Length", with the
                decay of "Gated Delta Networks: Improving Mamba2 with Delta Rule"; for
                ``dplr_delta`` the same form with per-dimension decays, every exponent <= 0
-               (see ``_dplr_chunk`` and ``_decayed_scores``).
+               (see ``_dplr_chunk`` and ``decayed_scores``).
 
 Shapes: q, k: [batch, heads, time, d_k]; v: [batch, heads, time, d_v];
 beta, log_alpha: [batch, heads, time]; S0 and the returned state: [batch, heads, d_k, d_v].
@@ -39,6 +39,9 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+from recur.ops import trace
+from recur.ops.gated import decayed_scores
 
 MODES = ("reference", "chunk")
 
@@ -78,6 +81,9 @@ def delta_rule(
         o, S = _reference(q, k, v, beta, log_alpha, S0)
     else:
         o, S = _chunk(q, k, v, beta, log_alpha, S0, chunk_size)
+    # linear in v given the keys, strengths and decays (the transition does not read v)
+    trace.record(delta_rule, dict(q=q, k=k, v=v, beta=beta, log_alpha=log_alpha, S0=S0, mode=mode, chunk_size=chunk_size),
+                 "v", "S0", o)
     return o.to(dtype), S.to(dtype)
 
 
@@ -205,6 +211,8 @@ def dplr_delta(
         o, S = _dplr_reference(q, k, v, g, a, b, S)
     else:
         o, S = _dplr_chunk(q, k, v, g, a, b, S, chunk_size)
+    trace.record(dplr_delta, dict(q=q, k=k, v=v, log_w=log_w, a=a, b=b, S0=S0, mode=mode, chunk_size=chunk_size),
+                 "v", "S0", o)
     return o.to(dtype), S.to(dtype)
 
 
@@ -246,7 +254,7 @@ def _dplr_chunk(q, k, v, g, a, b, S, chunk_size):
 
     Inside a chunk (entering state S, positions i = 0..C-1) let c_i be the cumulative log decay
     through step i (per key dimension) and c'_i = c_{i-1} the one before it (c'_0 = 0). Unrolling,
-    with the decayed scores X_Y[i, j] = sum_d x_id y_jd exp(cx_id - cy_jd) (``_decayed_scores``):
+    with the decayed scores X_Y[i, j] = sum_d x_id y_jd exp(cx_id - cy_jd) (``decayed_scores``):
 
         u_i = S^T (a_i e^{c'_i}) + sum_{j<i} A_ak[i, j] v_j + sum_{j<i} A_ab[i, j] u_j    (exponents c'_i - c_j)
         o_i = S^T (q_i e^{c_i})  + sum_{j<=i} A_qk[i, j] v_j + sum_{j<=i} A_qb[i, j] u_j  (exponents c_i - c_j)
@@ -257,7 +265,7 @@ def _dplr_chunk(q, k, v, g, a, b, S, chunk_size):
         O      = (Q * e^c) S + A_qk V + A_qb U
         S_next = e^{c_last} S + (K * e^{c_last - c})^T V + (B * e^{c_last - c})^T U.
     Only the state crosses chunks. The chunk length is ``chunk_size`` rounded up to a power of two
-    (and no longer than T rounded up likewise), as ``_decayed_scores`` halves chunks recursively.
+    (and no longer than T rounded up likewise), as ``decayed_scores`` halves chunks recursively.
     """
     B, H, T, Dk = k.shape
     C = 1 << (min(chunk_size, T) - 1).bit_length()
@@ -272,8 +280,8 @@ def _dplr_chunk(q, k, v, g, a, b, S, chunk_size):
 
     # Scores sharing a query and its decays are computed together: the two key sets are stacked on
     # a leading dimension that the query and the decays broadcast over.
-    A_ab, A_ak = _decayed_scores(a, torch.stack([b, k]), c_before, c, strict=True).unbind(0)
-    A_qk, A_qb = _decayed_scores(q, torch.stack([k, b]), c, c, strict=False).unbind(0)
+    A_ab, A_ak = decayed_scores(a, torch.stack([b, k]), c_before, c, strict=True).unbind(0)
+    A_qk, A_qb = decayed_scores(q, torch.stack([k, b]), c, c, strict=False).unbind(0)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     rhs = torch.cat([a * c_before.exp(), A_ak @ v], dim=-1)
     WU = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)
@@ -292,41 +300,3 @@ def _dplr_chunk(q, k, v, g, a, b, S, chunk_size):
     o = (q * c.exp()) @ Sc + A_qk @ v + A_qb @ (U0 + W @ Sc)
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]
     return o, S
-
-
-def _decayed_scores(x, y, cx, cy, strict: bool):
-    """A[i, j] = sum_d x_id y_jd exp(cx_id - cy_jd) for j <= i (j < i if ``strict``), else 0.
-
-    x, y: [..., C, d] (leading dimensions broadcast); cx, cy: [..., C, G] cumulative log decays,
-    G = d (per dimension) or 1 (per head), non-increasing along C with cx_i <= cy_j whenever
-    j <= i (j < i if strict) and cx_i <= cy_i. C must be a power of two. Returns [..., C, C].
-
-    Every exponent is <= 0, so decays that underflow give exact zeros, never inf or NaN. With one
-    decay per head the masked pairwise differences are exponentiated directly. Per dimension, the
-    chunk is halved recursively: for each block, the pairs (i in its second half, j in its first)
-    go through the reference point r = cy at the end of the first half,
-        x_i e^{cx_i - r} . y_j e^{r - cy_j}     (both exponents <= 0),
-    one matmul per level: log2(C) levels of O(C d) scaling instead of a [C, C, d] tensor.
-    """
-    C = x.shape[-2]
-    if cy.shape[-1] == 1:
-        causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
-        diff = (cx - cy.transpose(-1, -2)).masked_fill(~causal, -math.inf)
-        return (x @ y.transpose(-1, -2)) * diff.exp()
-    lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], cx.shape[:-2], cy.shape[:-2])
-    if strict:
-        A = x.new_zeros(*lead, C, 1, 1)
-    else:
-        A = (x * y * (cx - cy).exp()).sum(-1).expand(*lead, C)[..., None, None]
-    h = 1
-    while h < C:  # blocks of size h (A: [..., C / h, h, h]) are paired into blocks of size 2h
-        halves = lambda t: t.unflatten(-2, (C // (2 * h), 2, h))  # noqa: E731  [..., blocks, 2, h, d]
-        xs, cxs = halves(x)[..., 1, :, :], halves(cx)[..., 1, :, :]  # queries: second halves
-        ys, cys = halves(y)[..., 0, :, :], halves(cy)[..., 0, :, :]  # keys: first halves
-        r = cys[..., -1:, :]
-        cross = (xs * (cxs - r).exp()) @ (ys * (r - cys).exp()).transpose(-1, -2)  # [..., blocks, h, h]
-        A = A.unflatten(-3, (C // (2 * h), 2))  # [..., blocks, 2, h, h]
-        first, second = A[..., 0, :, :], A[..., 1, :, :]
-        A = torch.cat([torch.cat([first, torch.zeros_like(first)], -1), torch.cat([cross, second], -1)], -2)
-        h *= 2
-    return A.squeeze(-3)

@@ -38,9 +38,10 @@ step i >= j is exp(c_i - c_j) (per key dimension); a query that reads the state 
 the update sees exp(c_{i-1} - c_j) instead (the exclusive cumulative sum, for j < i).
 Forming exp(c_i) and exp(-c_j) separately overflows as soon as the decays underflow
 within a chunk, so every exponent here is <= 0: pairwise differences are masked (to
--inf) before exp, and for per-dimension decays, pairs in different sub-chunks go
-through the reference point r = c at the end of the previous sub-chunk:
-exp(c_i - r) * exp(r - c_j), both factors <= 1 (Yang et al. 2023, secondary-level chunking).
+-inf) before exp, and for per-dimension decays, pairs in different halves of a block go
+through the reference point r = c at the end of the first half: exp(c_i - r) * exp(r - c_j),
+both factors <= 1, one matmul per halving level (``decayed_scores``; chunk lengths that are
+not a power of two use fixed sub-chunks instead: Yang et al. 2023, secondary-level chunking).
 
 Low-precision inputs (float16/bfloat16) are computed in float32 and cast back.
 """
@@ -300,7 +301,10 @@ def _intra_scores(q, k, cq, ck, strict: bool):
         diff = (cq - ck.transpose(-1, -2)).masked_fill(~causal, -math.inf)
         return (q @ k.transpose(-1, -2)) * diff.exp()
 
-    # Per-dimension decays, in sub-chunks of length s (a divisor of C).
+    if C & (C - 1) == 0:  # a power of two: recursive halving, no [C, C, d_k] tensor
+        return decayed_scores(q, k, cq, ck, strict)
+
+    # Other chunk lengths: per-dimension decays in sub-chunks of length s (a divisor of C).
     s = max(d for d in range(1, min(C, SUB_CHUNK) + 1) if C % d == 0)
     A = C // s
     qs, ks, cqs, cks = (rearrange(t, "... (a s) d -> ... a s d", s=s) for t in (q, k, cq, ck))
@@ -322,3 +326,41 @@ def _intra_scores(q, k, cq, ck, strict: bool):
     on_diag = torch.eye(A, dtype=torch.bool, device=q.device)[:, None, :, None]
     scores = torch.where(on_diag, diag.unsqueeze(-2), scores)
     return rearrange(scores, "... a i b j -> ... (a i) (b j)")
+
+
+def decayed_scores(x, y, cx, cy, strict: bool):
+    """A[i, j] = sum_d x_id y_jd exp(cx_id - cy_jd) for j <= i (j < i if ``strict``), else 0.
+
+    x, y: [..., C, d] (leading dimensions broadcast); cx, cy: [..., C, G] cumulative log decays,
+    G = d (per dimension) or 1 (per head), non-increasing along C with cx_i <= cy_j whenever
+    j <= i (j < i if strict) and cx_i <= cy_i. C must be a power of two. Returns [..., C, C].
+
+    Every exponent is <= 0, so decays that underflow give exact zeros, never inf or NaN. With one
+    decay per head the masked pairwise differences are exponentiated directly. Per dimension, the
+    chunk is halved recursively: for each block, the pairs (i in its second half, j in its first)
+    go through the reference point r = cy at the end of the first half,
+        x_i e^{cx_i - r} . y_j e^{r - cy_j}     (both exponents <= 0),
+    one matmul per level: log2(C) levels of O(C d) scaling instead of a [C, C, d] tensor.
+    """
+    C = x.shape[-2]
+    if cy.shape[-1] == 1:
+        causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+        diff = (cx - cy.transpose(-1, -2)).masked_fill(~causal, -math.inf)
+        return (x @ y.transpose(-1, -2)) * diff.exp()
+    lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], cx.shape[:-2], cy.shape[:-2])
+    if strict:
+        A = x.new_zeros(*lead, C, 1, 1)
+    else:
+        A = (x * y * (cx - cy).exp()).sum(-1).expand(*lead, C)[..., None, None]
+    h = 1
+    while h < C:  # blocks of size h (A: [..., C / h, h, h]) are paired into blocks of size 2h
+        halves = lambda t: t.unflatten(-2, (C // (2 * h), 2, h))  # noqa: E731  [..., blocks, 2, h, d]
+        xs, cxs = halves(x)[..., 1, :, :], halves(cx)[..., 1, :, :]  # queries: second halves
+        ys, cys = halves(y)[..., 0, :, :], halves(cy)[..., 0, :, :]  # keys: first halves
+        r = cys[..., -1:, :]
+        cross = (xs * (cxs - r).exp()) @ (ys * (r - cys).exp()).transpose(-1, -2)  # [..., blocks, h, h]
+        A = A.unflatten(-3, (C // (2 * h), 2))  # [..., blocks, 2, h, h]
+        first, second = A[..., 0, :, :], A[..., 1, :, :]
+        A = torch.cat([torch.cat([first, torch.zeros_like(first)], -1), torch.cat([cross, second], -1)], -2)
+        h *= 2
+    return A.squeeze(-3)
