@@ -4,7 +4,8 @@ Nonlinear recurrences have no parallel form: each supports ``recurrent`` mode on
 The input projections for all time steps are one matmul; the loop only does the
 recurrent matmul and the gate nonlinearities. LSTM and GRU also stack layers, run
 bidirectionally (an encoder, like torch's) and split W_hh into heads (block-diagonal,
-FlashRNN); every direction and head of a layer steps in one batched matmul.
+FlashRNN); every direction and head of a layer steps in one batched matmul, in the fused
+loops of ``recur.ops.cells`` (forward without an autograd graph, hand-written BPTT).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
+from recur.ops.cells import gru_sequence, lstm_sequence
 from recur.registry import register
 from recur.state import State
 
@@ -145,7 +147,7 @@ class _TorchLayoutCell(Mixer):
             b_hh = rearrange(self.bias_hh[k], "r (g h d) -> (r h) 1 (g d)", g=G, h=heads)
             s0 = [rearrange(state[key][:, k], f"b r (h d) -> {streams}", h=heads) for key in self.state_keys]
             ys, last = self._loop(u, w_hh, b_hh, *s0)
-            y = rearrange(torch.stack(ys), f"t {streams} -> r b t (h d)", r=dirs)
+            y = rearrange(ys, f"t {streams} -> r b t (h d)", r=dirs)
             inp = y[0] if dirs == 1 else torch.cat([y[0], y[1].flip(1)], dim=-1)  # [batch, time, d_model]
             for key, s in zip(self.state_keys, last):
                 finals[key].append(rearrange(s, f"{streams} -> b r (h d)", r=dirs))
@@ -158,7 +160,8 @@ class _TorchLayoutCell(Mixer):
     def _loop(self, u, w_hh, b_hh, *states):
         """The recurrence over time. u [time, streams, batch, gates*head_dim] (input projections),
         w_hh [streams, head_dim, gates*head_dim], b_hh [streams, 1, gates*head_dim], states
-        [streams, batch, head_dim]; returns (list of h_t, final states)."""
+        [streams, batch, head_dim]; returns (h_t for every t [time, streams, batch, head_dim],
+        final states). The fused loops of ``recur.ops.cells`` (hand-written BPTT)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -260,12 +263,7 @@ class LSTM(_TorchLayoutCell):
                 self.bias_hh[:, forget] = 0.0
 
     def _loop(self, u, w_hh, b_hh, h, c):
-        ys = []
-        for u_t in u.unbind(0):  # unbind: indexing u[t] in a loop would make backward quadratic in T
-            i, f, g, o = torch.baddbmm(u_t, h, w_hh).chunk(4, dim=-1)  # b_hh is folded into u
-            c = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
-            h = torch.sigmoid(o) * torch.tanh(c)
-            ys.append(h)
+        ys, h, c = lstm_sequence(u, w_hh, h, c)  # b_hh is folded into u
         return ys, (h, c)
 
 
@@ -292,11 +290,5 @@ class GRU(_TorchLayoutCell):
         return self.bias_ih[k]  # b_hn sits inside r * (W_hn h + b_hn): b_hh stays in the loop
 
     def _loop(self, u, w_hh, b_hh, h):
-        d, ys = self.head_dim, []
-        for u_t in u.unbind(0):
-            v_t = torch.baddbmm(b_hh, h, w_hh)
-            r, z = torch.sigmoid(u_t[..., : 2 * d] + v_t[..., : 2 * d]).chunk(2, dim=-1)
-            n = torch.tanh(torch.addcmul(u_t[..., 2 * d :], r, v_t[..., 2 * d :]))
-            h = torch.lerp(n, h, z)  # (1 - z) * n + z * h
-            ys.append(h)
+        ys, h = gru_sequence(u, w_hh, b_hh, h)
         return ys, (h,)

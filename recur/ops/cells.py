@@ -1,0 +1,167 @@
+"""Fused LSTM and GRU loops with hand-written backpropagation through time.
+
+The classic cells are sequential by nature: per step, one small recurrent matmul and a handful
+of elementwise gate operations. Under autograd every one of those operations becomes a graph
+node whose backward the engine dispatches one by one, and the recurrent weight's gradient is
+accumulated as T small matmuls. Here the forward loop runs without a graph, keeping only the
+activated gates and the cell states, and the backward loop is written out:
+
+LSTM (gate order i, f, g, o as torch.nn.LSTM; u_t = W_ih x_t + b_ih + b_hh precomputed):
+    i, f, o = sigmoid(.), g = tanh(.)  of  u_t + h_{t-1} W_hh^T
+    c_t = f c_{t-1} + i g ;  h_t = o tanh(c_t)
+  backward, with dh, dc the gradients reaching h_t, c_t:
+    dc += dh o (1 - tanh^2 c_t)
+    d(pre-activations) = [dc g i (1-i), dc c_{t-1} f (1-f), dc i (1-g^2), dh tanh(c_t) o (1-o)]
+    dc_{t-1} = dc f ;  dh_{t-1} = d(pre) W_hh  (+ the output gradient of step t-1)
+
+GRU (gate order r, z, n as torch.nn.GRU; u_t = W_ih x_t + b_ih, v_t = h_{t-1} W_hh^T + b_hh):
+    r, z = sigmoid(u_t[r,z] + v_t[r,z]) ;  n = tanh(u_t[n] + r v_t[n]) ;  h_t = (1 - z) n + z h_{t-1}
+  backward:
+    d(pre n) = dh (1 - z) (1 - n^2) ;  d(pre z) = dh (h_{t-1} - n) z (1 - z)
+    d(pre r) = d(pre n) v_t[n] r (1 - r)
+    du = [d(pre r), d(pre z), d(pre n)] ;  dv = [d(pre r), d(pre z), d(pre n) r]
+    dh_{t-1} = dh z + dv W_hh
+
+The weight gradients are one batched matmul over all steps after the loop (sum_t h_{t-1}^T dv_t),
+not T small ones. Shapes: u [time, streams, batch, gates * d] (streams: directions x heads of a
+layer, run side by side), w [streams, d, gates * d] (W_hh^T per stream), b [streams, 1, gates * d],
+h0, c0 [streams, batch, d]. The plain autograd loops (``lstm_reference``, ``gru_reference``) are
+the oracles the tests hold these to; double backward is not supported (use the references).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+# ----------------------------------------------------------------------------- references
+def lstm_reference(u, w, h, c):
+    """The LSTM recurrence under autograd: (ys [time, streams, batch, d], h_T, c_T)."""
+    ys = []
+    for u_t in u.unbind(0):  # unbind: indexing u[t] in a loop would make backward quadratic in T
+        i, f, g, o = torch.baddbmm(u_t, h, w).chunk(4, dim=-1)
+        c = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
+        h = torch.sigmoid(o) * torch.tanh(c)
+        ys.append(h)
+    return torch.stack(ys), h, c
+
+
+def gru_reference(u, w, b, h):
+    """The GRU recurrence under autograd: (ys [time, streams, batch, d], h_T)."""
+    d, ys = h.shape[-1], []
+    for u_t in u.unbind(0):
+        v_t = torch.baddbmm(b, h, w)
+        r, z = torch.sigmoid(u_t[..., : 2 * d] + v_t[..., : 2 * d]).chunk(2, dim=-1)
+        n = torch.tanh(torch.addcmul(u_t[..., 2 * d :], r, v_t[..., 2 * d :]))
+        h = torch.lerp(n, h, z)  # (1 - z) * n + z * h
+        ys.append(h)
+    return torch.stack(ys), h
+
+
+# --------------------------------------------------------------------------------- LSTM
+class _LSTM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, w, h0, c0):
+        T, d = u.shape[0], h0.shape[-1]
+        gates = torch.empty_like(u)  # activated i, f, g, o
+        hs = u.new_empty((T + 1, *h0.shape))
+        cs = u.new_empty((T + 1, *c0.shape))
+        hs[0], cs[0] = h0, c0
+        for t in range(T):
+            a = torch.baddbmm(u[t], hs[t], w, out=gates[t])
+            a[..., : 2 * d].sigmoid_()
+            a[..., 2 * d : 3 * d].tanh_()
+            a[..., 3 * d :].sigmoid_()
+            i, f, g, o = a.unflatten(-1, (4, d)).unbind(-2)
+            torch.addcmul(f * cs[t], i, g, out=cs[t + 1])
+            torch.mul(o, torch.tanh(cs[t + 1]), out=hs[t + 1])
+        ctx.save_for_backward(w, gates, hs, cs)
+        return hs[1:], hs[T].clone(), cs[T].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ys, grad_h, grad_c):
+        w, gates, hs, cs = ctx.saved_tensors
+        T, d = gates.shape[0], hs.shape[-1]
+        dgates = torch.empty_like(gates)
+        dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
+        dc = torch.zeros_like(cs[0]) if grad_c is None else grad_c.clone()
+        wt = w.transpose(1, 2)
+        for t in range(T - 1, -1, -1):
+            if grad_ys is not None:
+                dh += grad_ys[t]
+            i, f, g, o = gates[t].unflatten(-1, (4, d)).unbind(-2)
+            tc = torch.tanh(cs[t + 1])
+            dc += dh * o * (1 - tc * tc)
+            di, df, dg, do = dgates[t].unflatten(-1, (4, d)).unbind(-2)
+            torch.mul(dc * g, i * (1 - i), out=di)
+            torch.mul(dc * cs[t], f * (1 - f), out=df)
+            torch.mul(dc * i, 1 - g * g, out=dg)
+            torch.mul(dh * tc, o * (1 - o), out=do)
+            dc = dc * f
+            dh = torch.bmm(dgates[t], wt)
+        dw = _weight_grad(hs[:-1], dgates) if ctx.needs_input_grad[1] else None
+        return dgates, dw, dh, dc
+
+
+def _weight_grad(h_prev: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
+    """sum_t h_{t-1}^T dv_t per stream, as one batched matmul: [streams, d, gates * d]."""
+    S = h_prev.shape[1]
+    hp = h_prev.transpose(0, 1).reshape(S, -1, h_prev.shape[-1])
+    return hp.transpose(1, 2) @ dv.transpose(0, 1).reshape(S, -1, dv.shape[-1])
+
+
+def lstm_sequence(u, w, h0, c0):
+    """The LSTM over a sequence with fused BPTT: (ys [time, streams, batch, d], h_T, c_T)."""
+    return _LSTM.apply(u, w, h0, c0)
+
+
+# ---------------------------------------------------------------------------------- GRU
+class _GRU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, w, b, h0):
+        T, d = u.shape[0], h0.shape[-1]
+        gates = torch.empty_like(u)  # activated r, z, n
+        vn = u.new_empty((T, *h0.shape))  # h_{t-1} W_hn^T + b_hn, which r scales
+        hs = u.new_empty((T + 1, *h0.shape))
+        hs[0] = h0
+        for t in range(T):
+            v = torch.baddbmm(b, hs[t], w)
+            a = gates[t]
+            torch.add(u[t, ..., : 2 * d], v[..., : 2 * d], out=a[..., : 2 * d]).sigmoid_()
+            vn[t] = v[..., 2 * d :]
+            r, z, n = a.unflatten(-1, (3, d)).unbind(-2)
+            torch.addcmul(u[t, ..., 2 * d :], r, vn[t], out=n).tanh_()
+            torch.lerp(n, hs[t], z, out=hs[t + 1])
+        ctx.save_for_backward(w, gates, vn, hs)
+        return hs[1:], hs[T].clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ys, grad_h):
+        w, gates, vn, hs = ctx.saved_tensors
+        T, d = gates.shape[0], hs.shape[-1]
+        du = torch.empty_like(gates)
+        dv = torch.empty_like(gates)
+        dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
+        wt = w.transpose(1, 2)
+        for t in range(T - 1, -1, -1):
+            if grad_ys is not None:
+                dh += grad_ys[t]
+            r, z, n = gates[t].unflatten(-1, (3, d)).unbind(-2)
+            dr, dz, dn = du[t].unflatten(-1, (3, d)).unbind(-2)
+            torch.mul(dh * (1 - z), 1 - n * n, out=dn)
+            torch.mul(dh * (hs[t] - n), z * (1 - z), out=dz)
+            torch.mul(dn * vn[t], r * (1 - r), out=dr)
+            dv[t, ..., : 2 * d] = du[t, ..., : 2 * d]
+            torch.mul(dn, r, out=dv[t, ..., 2 * d :])
+            dh = torch.baddbmm(dh * z, dv[t], wt)
+        dw = _weight_grad(hs[:-1], dv) if ctx.needs_input_grad[1] else None
+        db = dv.sum(dim=(0, 2)).unsqueeze(1) if ctx.needs_input_grad[2] else None
+        return du, dw, db, dh
+
+
+def gru_sequence(u, w, b, h0):
+    """The GRU over a sequence with fused BPTT: (ys [time, streams, batch, d], h_T)."""
+    return _GRU.apply(u, w, b, h0)
