@@ -122,6 +122,37 @@ def test_strong_decay_stays_finite_in_float32(form, mode, before, with_bonus):
     torch.testing.assert_close(S, S64.float(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("total", [15.9, 16.1])
+@pytest.mark.parametrize("before", [False, True])
+def test_per_dimension_decays_at_the_factoring_limit_are_accurate_in_float32(total, before):
+    """Just inside the limit (a chunk decays by e^-15.9: the scores factor through the chunk
+    start, with factors up to e^15.9) and just outside it (the all-exponents-<=0 path), float32
+    chunk outputs and gradients match the float64 reference as closely as the reference loop's
+    own float32 run does, within a factor of ten."""
+    from recur.ops.gated import FACTOR_LIMIT
+
+    assert FACTOR_LIMIT[torch.float32] == 16.0
+    inputs = make_inputs(2, 2, 64, 16, 8, "vector", "typical", True, dtype=torch.float32, seed=5)
+    log_alpha = torch.full_like(inputs[3], -total / 64)  # every dimension decays by e^-total over a chunk
+    inputs = (*inputs[:3], log_alpha, inputs[4])
+
+    def outputs_and_grads(dtype, mode):
+        leaves = [t.to(dtype).requires_grad_(True) for t in inputs]
+        o, S = gated_matrix(*leaves, mode=mode, chunk_size=64, output_before_update=before)
+        g = torch.Generator().manual_seed(99)  # the same loss weights in both precisions
+        wo, wS = torch.randn(o.shape, generator=g, dtype=torch.float64), torch.randn(S.shape, generator=g, dtype=torch.float64)
+        loss = (o * wo.to(dtype)).sum() + (S * wS.to(dtype)).sum()
+        return [o, S, *torch.autograd.grad(loss, leaves)]
+
+    exact = outputs_and_grads(torch.float64, "reference")
+    errors = {}
+    for mode in ("reference", "chunk"):
+        got = outputs_and_grads(torch.float32, mode)
+        errors[mode] = max(((a.double() - b).norm() / b.norm()).item() for a, b in zip(got, exact))
+    err, ref_err = errors["chunk"], errors["reference"]
+    assert err <= 10 * max(ref_err, 1e-7), f"chunk float32 error {err:.2e} vs reference loop's {ref_err:.2e}"
+
+
 @pytest.mark.parametrize("before,with_bonus", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("mode", ["reference", "chunk", "parallel"])
