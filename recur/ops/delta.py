@@ -123,7 +123,8 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
     g_i = sum_{j<=i} log alpha_j and write the update as S_i = alpha_i S_{i-1} + k_i u_i^T with
     u_i = beta_i (v_i - alpha_i S_{i-1}^T k_i). Unrolling alpha_i S_{i-1} gives the unit lower
     triangular system (I + A) U = diag(beta) (V - diag(e^g) K S), A_ij = beta_i e^{g_i - g_j} k_i.k_j
-    for j < i. With T = (I + A)^{-1} diag(beta) (the UT transform), W = T diag(e^g) K, U0 = T V:
+    for j < i. With T = (I + A)^{-1} diag(beta) (the UT transform), W = T diag(e^g) K, U0 = T V
+    (one triangular solve with both right-hand sides; T itself is never formed):
         U        = U0 - W S
         O        = diag(e^g) Q S + (Q K^T * D) U,          D_ij = e^{g_i - g_j} for j <= i
         S_next   = e^{g_last} S + (diag(e^{g_last - g}) K)^T U
@@ -150,23 +151,25 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
 
     A = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).masked_fill(~strict, 0.0)
-    Tm = torch.linalg.solve_triangular(eye + A, torch.diag_embed(beta), upper=False, unitriangular=True)
-    W = Tm @ (k * g.exp()[..., None])
-    U0 = Tm @ v
+    e_g = g.exp()[..., None]
+    # W and U0 in one triangular solve: (I + A) [W, U0] = diag(beta) [diag(e^g) K, V]
+    rhs = beta[..., None] * torch.cat([k * e_g, v], dim=-1)
+    W, U0 = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True).split([Dk, v.shape[-1]], -1)
     P = (q @ k.transpose(-1, -2)) * decay
-    q_dec = q * g.exp()[..., None]
+    q_dec = q * e_g
     g_last = g[..., -1:]  # [b, h, n, 1]
     k_dec = k * (g_last - g).exp()[..., None]
 
     # Only the state crosses chunks: a loop over n chunks of small matmuls.
-    states = []
+    states, us = [], []
     chunks = zip(U0.unbind(2), W.unbind(2), g_last.exp().unbind(2), k_dec.unbind(2))
     for U0_c, W_c, decay_c, k_dec_c in chunks:
         states.append(S)
         U = U0_c - W_c @ S
+        us.append(U)
         S = decay_c[:, :, :, None] * S + k_dec_c.transpose(-1, -2) @ U
     Sc = torch.stack(states, dim=2)  # state entering each chunk: [b, h, n, d_k, d_v]
-    o = q_dec @ Sc + P @ (U0 - W @ Sc)
+    o = q_dec @ Sc + P @ torch.stack(us, dim=2)
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]
     return o, S
 
