@@ -1,9 +1,13 @@
-"""Pieces shared by several mixers: the short causal convolution, token shift, rotary positions, head counts."""
+"""Pieces shared by several mixers: the short causal convolution, token shift, rotary positions,
+head counts and head reshapes, argument checks and gate initialisation."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 
@@ -102,3 +106,25 @@ def head_split(d_model: int, n_heads: int | None = None, head_dim: int | None = 
     if even and head_dim % 2:
         raise ValueError(f"rotary positions need an even head_dim, got head_dim={head_dim} (d_model={d_model}, n_heads={n_heads})")
     return n_heads, head_dim
+
+
+def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[batch, time, heads * d] -> [batch, heads, time, d]."""
+    return rearrange(t, "b t (h d) -> b h t d", h=n_heads)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """[batch, heads, time, d] -> [batch, time, heads * d]."""
+    return rearrange(t, "b h t d -> b t (h d)")
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def logit(p: float) -> float:
+    """The inverse sigmoid, for initialising a gate's bias at sigmoid(bias) = p."""
+    return math.log(p / (1 - p))

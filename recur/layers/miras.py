@@ -52,31 +52,13 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv, head_split
+from recur.layers.common import ShortConv, head_split, logit, merge_heads, positive_int, split_heads
 from recur.ops.miras import MirasState, lp_bias, lq_retention, miras_memory
 from recur.registry import register
 from recur.state import State
 
 PAPER = ("Behrouz, Razaviyayn, Zhong, Mirrokni, It's All Connected: A Journey Through Test-Time Memorization, "
          "Attentional Bias, Retention, and Online Optimization (2025)")
-
-
-def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return rearrange(t, "b t (h d) -> b h t d", h=n_heads)
-
-
-def _merge(t: torch.Tensor) -> torch.Tensor:
-    return rearrange(t, "b h t d -> b t (h d)")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _logit(p: float) -> float:
-    return math.log(p / (1 - p))
 
 
 class _Miras(Mixer):
@@ -93,9 +75,9 @@ class _Miras(Mixer):
                  lr_init: float = 0.05, retain_init: float = 0.99, norm_eps: float = 1e-5):
         super().__init__(d_model, mode)
         self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
-        self.depth = _positive_int("depth", depth)
-        _positive_int("expansion", expansion)
+        self.chunk_size = positive_int("chunk_size", chunk_size)
+        self.depth = positive_int("depth", depth)
+        positive_int("expansion", expansion)
         self.conv_size = conv_size
         for name, p in (("lr_init", lr_init), ("retain_init", retain_init)):
             if not 0 < p < 1:
@@ -119,7 +101,7 @@ class _Miras(Mixer):
 
     # the variant's hooks
     def _gate_biases(self, lr_init: float, retain_init: float) -> list[float]:
-        return [_logit(lr_init), _logit(retain_init)]
+        return [logit(lr_init), logit(retain_init)]
 
     def _initial_weights(self, n_heads: int, d_in: int, d_out: int) -> torch.Tensor:
         w = torch.empty(n_heads, d_in, d_out)
@@ -151,8 +133,8 @@ class _Miras(Mixer):
         H, L = self.n_heads, self.depth
         q, conv_q = self.q_conv(self.q_proj(x), state["conv_q"])
         kv, conv_kv = self.kv_conv(self.kv_proj(x), state["conv_kv"])
-        q = F.normalize(_heads(q, H), dim=-1)
-        k, v = (_heads(t, H) for t in kv.chunk(2, dim=-1))
+        q = F.normalize(split_heads(q, H), dim=-1)
+        k, v = (split_heads(t, H) for t in kv.chunk(2, dim=-1))
         k = F.normalize(k, dim=-1)
         gates = rearrange(self.gate_proj(x), "b t (g h) -> g b h t", g=self.n_gates)
         lr, retain = torch.sigmoid(gates[0]), torch.sigmoid(gates[1])
@@ -160,7 +142,7 @@ class _Miras(Mixer):
         mem = MirasState(tuple(state[f"P{i}"] for i in range(L)), tuple(state[f"A{i}"] for i in range(L)), state["count"])
         o, mem = miras_memory(q, k, v, lr, retain, mem, mode=self.op_mode, chunk_size=self.chunk_size, bias=self._bias(),
                               retention=self._retention(), aux=aux, norm=self.norm_gain)
-        y = self.o_proj(_merge(self.o_norm(o) * _heads(F.silu(self.g_proj(x)), H)))
+        y = self.o_proj(merge_heads(self.o_norm(o) * split_heads(F.silu(self.g_proj(x)), H)))
         entries = {}
         for i in range(L):
             entries[f"P{i}"], entries[f"A{i}"] = mem.params[i], mem.anchor[i]
@@ -228,7 +210,7 @@ class Yaad(_Miras):
         super().__init__(d_model, mode, **options)
 
     def _gate_biases(self, lr_init, retain_init):
-        return [_logit(lr_init), _logit(retain_init), math.log(math.expm1(self.delta_init))]
+        return [logit(lr_init), logit(retain_init), math.log(math.expm1(self.delta_init))]
 
 
 @register("memora", family="test-time-memory", paper=PAPER)

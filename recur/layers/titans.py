@@ -56,39 +56,20 @@ Interpretations (the paper is silent or ambiguous; recur's choices):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv, head_split, positions_from, rotary
+from recur.layers.common import (ShortConv, head_split, logit, merge_heads, positions_from, positive_int, rotary,
+                                 split_heads)
 from recur.ops.attention import attention, attention_step, trim_cache
 from recur.ops.memory import ACTIVATIONS, MemoryState, mlp_forward, mlp_memory
 from recur.registry import register
 from recur.state import State
 
 PAPER = "Behrouz, Zhong, Mirrokni, Titans: Learning to Memorize at Test Time (2024)"
-
-
-def _heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
-    return rearrange(t, "b t (h d) -> b h t d", h=n_heads)
-
-
-def _merge(t: torch.Tensor) -> torch.Tensor:
-    return rearrange(t, "b h t d -> b t (h d)")
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def _logit(p: float) -> float:
-    return math.log(p / (1 - p))
 
 
 # ------------------------------------------------------------------------ the memory
@@ -100,8 +81,8 @@ class NeuralMemory(nn.Module):
                  conv_size: int = 4, activation: str = "silu", memory_norm: bool = True, lr_init: float = 0.05,
                  momentum_init: float = 0.9, decay_init: float = 0.01):
         super().__init__()
-        _positive_int("depth", depth)
-        _positive_int("expansion", expansion)
+        positive_int("depth", depth)
+        positive_int("expansion", expansion)
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         for name, p in (("lr_init", lr_init), ("momentum_init", momentum_init), ("decay_init", decay_init)):
@@ -115,7 +96,7 @@ class NeuralMemory(nn.Module):
         self.kv_conv = ShortConv(2 * inner, conv_size, bias=False)  # depthwise: k's and v's convs side by side
         self.gate_proj = nn.Linear(d_model, 3 * n_heads)  # theta, eta, alpha per head
         with torch.no_grad():
-            self.gate_proj.bias.copy_(torch.tensor([_logit(p) for p in (lr_init, momentum_init, decay_init)]).repeat_interleave(n_heads))
+            self.gate_proj.bias.copy_(torch.tensor([logit(p) for p in (lr_init, momentum_init, decay_init)]).repeat_interleave(n_heads))
         dims = [head_dim] + [expansion * head_dim] * (depth - 1) + [head_dim]
         self.init_weights = nn.ParameterList()
         for d_in, d_out in zip(dims[:-1], dims[1:]):
@@ -149,7 +130,7 @@ class NeuralMemory(nn.Module):
     def queries(self, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q = l2norm(SiLU(conv(x W_Q))) per head [batch, heads, time, head_dim], and the new conv tail."""
         q, tail = self.q_conv(self.q_proj(x), tail)
-        return F.normalize(_heads(q, self.n_heads), dim=-1), tail
+        return F.normalize(split_heads(q, self.n_heads), dim=-1), tail
 
     def read(self, weights, q: torch.Tensor) -> torch.Tensor:
         """M*(q) with fixed weights (no update): q [batch, heads, n, head_dim]."""
@@ -159,7 +140,7 @@ class NeuralMemory(nn.Module):
         """Read and train the memory on x [batch, time, d_model]: (reads [batch, heads, time, head_dim], state)."""
         q, conv_q = self.queries(x, st["conv_q"])
         kv, conv_kv = self.kv_conv(self.kv_proj(x), st["conv_kv"])
-        k, v = (_heads(t, self.n_heads) for t in kv.chunk(2, dim=-1))
+        k, v = (split_heads(t, self.n_heads) for t in kv.chunk(2, dim=-1))
         k = F.normalize(k, dim=-1)
         lr, momentum, decay = rearrange(torch.sigmoid(self.gate_proj(x)), "b t (g h) -> g b h t", g=3)
         o, mem = mlp_memory(q, k, v, lr, momentum, decay, self.as_memory(st), mode=mode, chunk_size=chunk_size,
@@ -183,8 +164,8 @@ class MemoryLayer(nn.Module):
 
     def forward(self, x, st, mode, chunk_size):
         o, st = self.memory(x, st, mode, chunk_size)
-        gate = _heads(F.silu(self.g_proj(x)), self.memory.n_heads)
-        return self.o_proj(_merge(self.o_norm(o) * gate)), st
+        gate = split_heads(F.silu(self.g_proj(x)), self.memory.n_heads)
+        return self.o_proj(merge_heads(self.o_norm(o) * gate)), st
 
 
 # ---------------------------------------------------------------------- attention
@@ -211,7 +192,7 @@ class PersistentWindowAttention(nn.Module):
 
     def persistent_kv(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.persistent[None]  # [1, Np, d_model]
-        pk, pv = _heads(self.k_proj(p), self.n_heads), _heads(self.v_proj(p), self.n_heads)
+        pk, pv = split_heads(self.k_proj(p), self.n_heads), split_heads(self.v_proj(p), self.n_heads)
         return pk.expand(batch_size, -1, -1, -1), pv.expand(batch_size, -1, -1, -1)
 
     def init_state(self, batch_size, device=None, dtype=None) -> dict:
@@ -221,9 +202,9 @@ class PersistentWindowAttention(nn.Module):
     def forward(self, x, pos, k_cache, v_cache, window: int, mode: str):
         T = x.shape[1]
         positions = positions_from(pos, T)
-        q = rotary(_heads(self.q_proj(x), self.n_heads), positions, self.rotary_base)
-        k = rotary(_heads(self.k_proj(x), self.n_heads), positions, self.rotary_base)
-        v = _heads(self.v_proj(x), self.n_heads)
+        q = rotary(split_heads(self.q_proj(x), self.n_heads), positions, self.rotary_base)
+        k = rotary(split_heads(self.k_proj(x), self.n_heads), positions, self.rotary_base)
+        v = split_heads(self.v_proj(x), self.n_heads)
         pk, pv = self.persistent_kv(x.shape[0])
         scale = self.head_dim**-0.5
         if mode == "recurrent":
@@ -239,7 +220,7 @@ class PersistentWindowAttention(nn.Module):
             k_all, v_all = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
             o = prefix_window_attention(q, k_all, v_all, pk, pv, window, scale)
             k_cache, v_cache = trim_cache(k_all, window), trim_cache(v_all, window)
-        return self.o_proj(_merge(o)), pos + T, k_cache, v_cache
+        return self.o_proj(merge_heads(o)), pos + T, k_cache, v_cache
 
 
 def prefix_window_attention(q, k, v, pk, pv, window: int, scale: float, block: int = 256) -> torch.Tensor:
@@ -280,7 +261,7 @@ class _TitansBase(Mixer):
                  momentum_init: float = 0.9, decay_init: float = 0.01, norm_eps: float = 1e-5):
         super().__init__(d_model, mode)
         self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim, even=self.rotary_heads)
-        self.chunk_size = _positive_int("chunk_size", chunk_size)
+        self.chunk_size = positive_int("chunk_size", chunk_size)
         self.conv_size = conv_size
         self.depth = depth
         self.memory_options = dict(depth=depth, expansion=expansion, conv_size=conv_size, activation=activation,
@@ -335,7 +316,7 @@ class _WindowTitans(_TitansBase):
                  rotary_base: float = 10000.0, **options):
         super().__init__(d_model, mode, **options)
         self.window = window
-        self.n_persistent = _positive_int("n_persistent", n_persistent)
+        self.n_persistent = positive_int("n_persistent", n_persistent)
         self.attention = PersistentWindowAttention(d_model, self.n_heads, self.head_dim, n_persistent, rotary_base,
                                                    project_out=self.project_attention)
 
@@ -389,8 +370,8 @@ class TitansMAG(_WindowTitans):
 
     def gate(self, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         """o = W_O (RMSNorm(y) * sigmoid(RMSNorm(m))): y [batch, time, inner], m [batch, heads, time, head_dim]."""
-        y = _heads(y, self.n_heads)
-        return self.o_proj(_merge(self.attn_norm(y) * torch.sigmoid(self.mem_norm(m))))
+        y = split_heads(y, self.n_heads)
+        return self.o_proj(merge_heads(self.attn_norm(y) * torch.sigmoid(self.mem_norm(m))))
 
     def _forward(self, x, state):
         y, pos, k, v = self.attend(x, state)
@@ -443,7 +424,7 @@ class TitansMAC(_TitansBase):
                  rotary_base: float = 10000.0, **options):
         super().__init__(d_model, mode, **options)
         self.segment_size = segment_size
-        self.n_persistent = _positive_int("n_persistent", n_persistent)
+        self.n_persistent = positive_int("n_persistent", n_persistent)
         self.memory = NeuralMemory(d_model, self.n_heads, self.head_dim, **self.memory_options)
         self.memory_params = self.memory.memory_params
         # no W_O: y stays [batch, time, heads * head_dim = d_model]; the memory and the gate read it
@@ -459,7 +440,7 @@ class TitansMAC(_TitansBase):
 
     @segment_size.setter
     def segment_size(self, value: int) -> None:
-        self._segment_size = _positive_int("segment_size", value)
+        self._segment_size = positive_int("segment_size", value)
 
     def init_state(self, batch_size, device=None, dtype=None) -> State:
         memory = self.memory.init_state(batch_size, device=device, dtype=dtype)
@@ -494,9 +475,9 @@ class TitansMAC(_TitansBase):
         positions = positions[None].expand(B, T)
 
         def qkv(tokens, pos):
-            q = rotary(_heads(attn.q_proj(tokens), H), pos, attn.rotary_base)
-            k = rotary(_heads(attn.k_proj(tokens), H), pos, attn.rotary_base)
-            return q, k, _heads(attn.v_proj(tokens), H)
+            q = rotary(split_heads(attn.q_proj(tokens), H), pos, attn.rotary_base)
+            k = rotary(split_heads(attn.k_proj(tokens), H), pos, attn.rotary_base)
+            return q, k, split_heads(attn.v_proj(tokens), H)
 
         xq, xk, xv = qkv(x, positions)
         pk, pv = attn.persistent_kv(B)
@@ -509,7 +490,7 @@ class TitansMAC(_TitansBase):
             m = min(C - s, T - t)
             piece = slice(t, t + m)
             h = mem.read(seg_W, qx[:, :, piece])  # eq. 21: [B, H, m, d]
-            hq, hk, hv = qkv(_merge(h), positions[:, piece])
+            hq, hk, hv = qkv(merge_heads(h), positions[:, piece])
 
             def interleave(a, b):  # [h_1, x_1, h_2, x_2, ...]: causal attention is the MAC mask
                 return torch.stack([a, b], dim=3).reshape(B, H, 2 * m, -1)
@@ -523,8 +504,8 @@ class TitansMAC(_TitansBase):
             else:  # eqs. 22-23 at once: causal attention of the interleaved sequence, the x positions kept
                 y = attention(interleave(hq, xq[:, :, piece]), keys, values, scale=scale)[:, :, 1::2]
             # y: the segment tokens' attention outputs [B, H, m, d]
-            r, memory = mem(_merge(y), memory, self.op_mode, self.chunk_size)  # eq. 24 (and the read of 25)
-            outs.append(self.o_proj(_merge(self.attn_norm(y) * torch.sigmoid(self.mem_norm(r)))))  # eq. 25
+            r, memory = mem(merge_heads(y), memory, self.op_mode, self.chunk_size)  # eq. 24 (and the read of 25)
+            outs.append(self.o_proj(merge_heads(self.attn_norm(y) * torch.sigmoid(self.mem_norm(r)))))  # eq. 25
             t, s = t + m, s + m
             if s == C:  # the segment is complete: the next one reads the memory as it is now
                 seg_W = [memory[f"W{i}"] for i in range(self.depth)]
