@@ -37,10 +37,33 @@ def test_unknown_case_is_a_clear_usage_error(capsys):
     assert "did you mean 'scan'" in capsys.readouterr().err
 
 
-def test_measure_takes_the_median_of_timed_runs():
-    calls = []
-    speed.measure(lambda: calls.append(1), repeats=4)
-    assert len(calls) == 5  # one warm-up, four timed
+class FakeClock:
+    """perf_counter for ``speed.measure``: each call of the timed function advances it by the
+    next scripted duration."""
+
+    def __init__(self, durations):
+        self.now, self.durations, self.calls = 0.0, list(durations), 0
+
+    def perf_counter(self):
+        return self.now
+
+    def run(self):
+        self.now += self.durations[self.calls]
+        self.calls += 1
+
+
+def test_measure_warms_quick_functions_up_twice_and_takes_the_median(monkeypatch):
+    clock = FakeClock([5.0, 1.0, 3.0, 1.0, 2.0, 9.0])  # two warm-ups (the first slow), four timed
+    monkeypatch.setattr(speed.time, "perf_counter", clock.perf_counter)
+    assert speed.measure(clock.run, repeats=4, budget_s=100.0) == 2.5  # median of 3, 1, 2, 9
+    assert clock.calls == 6
+
+
+def test_measure_warms_slow_functions_up_once_and_stays_in_budget(monkeypatch):
+    clock = FakeClock([4.0, 4.0, 4.0, 4.0])  # a run is 4 s: 2 runs fit in a 10 s budget
+    monkeypatch.setattr(speed.time, "perf_counter", clock.perf_counter)
+    assert speed.measure(clock.run, repeats=5, budget_s=10.0) == 4.0
+    assert clock.calls == 3  # one warm-up, two timed
 
 
 def test_peer_loader_reports_absence(monkeypatch):
