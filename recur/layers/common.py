@@ -128,3 +128,21 @@ def positive_int(name: str, value) -> int:
 def logit(p: float) -> float:
     """The inverse sigmoid, for initialising a gate's bias at sigmoid(bias) = p."""
     return math.log(p / (1 - p))
+
+
+def layer_depth(name: str, layer_idx: int | None, n_layers: int | None) -> tuple[int, int]:
+    """(layer_idx, n_layers) with a standalone layer's defaults (0 of 1), checked."""
+    layer_idx = 0 if layer_idx is None else layer_idx
+    n_layers = 1 if n_layers is None else n_layers
+    if not 0 <= layer_idx < n_layers:
+        raise ValueError(f"{name}: layer_idx={layer_idx} must be in [0, n_layers={n_layers})")
+    return layer_idx, n_layers
+
+
+def rwkv_ramps(d_model: int, layer_idx: int, n_layers: int) -> tuple[float, float, torch.Tensor]:
+    """The depth ratios and channel ramp of the RWKV initialisations (RWKV-4 to -7):
+    r0 = layer_idx / (n_layers - 1) (0 to 1 over depth; 0 for one layer),
+    r1 = 1 - layer_idx / n_layers (1 to almost 0), ramp_i = i / d_model (float64)."""
+    r0 = layer_idx / (n_layers - 1) if n_layers > 1 else 0.0
+    r1 = 1.0 - layer_idx / n_layers
+    return r0, r1, torch.arange(d_model, dtype=torch.float64) / d_model

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import token_shift
+from recur.layers.common import layer_depth, rwkv_ramps, token_shift
 from recur.ops.scan import stabilized_scan
 from recur.registry import register
 from recur.state import State
@@ -78,17 +78,6 @@ def wkv(
     return out, last
 
 
-def _ramps(d_model: int, layer_idx: int | None, n_layers: int | None, name: str) -> tuple[float, float, torch.Tensor]:
-    """RWKV-4's depth ratios and the channel ramp i / d_model used by its time_mix inits."""
-    layer_idx = 0 if layer_idx is None else layer_idx
-    n_layers = 1 if n_layers is None else n_layers
-    if not 0 <= layer_idx < n_layers:
-        raise ValueError(f"{name}: layer_idx={layer_idx} must be in [0, n_layers={n_layers})")
-    r0 = layer_idx / (n_layers - 1) if n_layers > 1 else 0.0  # ratio_0_to_1
-    r1 = 1.0 - layer_idx / n_layers  # ratio_1_to_almost0
-    return r0, r1, torch.arange(d_model, dtype=torch.float64) / d_model
-
-
 @register("rwkv4", family="diagonal-ssm", paper=PAPER)
 class RWKV4(Mixer):
     """RWKV-4 time mixing: token shift, then the WKV recurrence (per-channel decay w, bonus u).
@@ -129,7 +118,7 @@ class RWKV4(Mixer):
     ):
         super().__init__(d_model, mode)
         self.chunk_size = chunk_size
-        r0, r1, ramp = _ramps(d_model, layer_idx, n_layers, "rwkv4")
+        r0, r1, ramp = rwkv_ramps(d_model, *layer_depth("rwkv4", layer_idx, n_layers))
         d = d_model
         with torch.no_grad():
             n = torch.arange(d, dtype=torch.float64) / max(d - 1, 1)
@@ -204,7 +193,7 @@ class RWKV4Channel(Mixer):
         super().__init__(d_model, mode)
         if isinstance(hidden_ratio, bool) or not isinstance(hidden_ratio, int) or hidden_ratio < 1:
             raise ValueError(f"hidden_ratio must be a positive int, got {hidden_ratio!r}")
-        _, r1, ramp = _ramps(d_model, layer_idx, n_layers, "rwkv4_channel")
+        _, r1, ramp = rwkv_ramps(d_model, *layer_depth("rwkv4_channel", layer_idx, n_layers))
         d, hidden = d_model, hidden_ratio * d_model
         self.d_hidden = hidden
         with torch.no_grad():

@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split, token_shift
+from recur.layers.common import head_split, layer_depth, rwkv_ramps, token_shift
 from recur.ops.gated import gated_matrix
 from recur.registry import register
 from recur.state import State
@@ -77,15 +77,10 @@ class RWKV6(Mixer):
             head_dim = 64  # the official head size
         self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
         self.chunk_size = chunk_size
-        layer_idx = 0 if layer_idx is None else layer_idx
-        n_layers = 1 if n_layers is None else n_layers
-        if not 0 <= layer_idx < n_layers:
-            raise ValueError(f"rwkv6: layer_idx={layer_idx} must be in [0, n_layers={n_layers})")
-        r0 = layer_idx / (n_layers - 1) if n_layers > 1 else 0.0  # 0 to 1 over depth
-        r1 = 1.0 - layer_idx / n_layers  # 1 to almost 0 over depth
+        layer_idx, n_layers = layer_depth("rwkv6", layer_idx, n_layers)
+        r0, r1, ramp = rwkv_ramps(d_model, layer_idx, n_layers)
         d = d_model
         with torch.no_grad():
-            ramp = torch.arange(d, dtype=torch.float64) / d
             self.mu_x = nn.Parameter((1 - ramp**r1).float())
             lam = {"w": 1 - ramp**r1, "k": 1 - ramp**r1, "v": 1 - (ramp**r1 + 0.3 * r0),
                    "r": 1 - ramp ** (0.5 * r1), "g": 1 - ramp ** (0.5 * r1)}

@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split, token_shift
+from recur.layers.common import head_split, layer_depth, rwkv_ramps, token_shift
 from recur.ops.delta import dplr_delta
 from recur.registry import register
 from recur.state import State
@@ -96,10 +96,7 @@ class RWKV7(Mixer):
             head_dim = 64  # the official head size
         self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
         self.chunk_size = chunk_size
-        layer_idx = 0 if layer_idx is None else layer_idx
-        n_layers = 1 if n_layers is None else n_layers
-        if not 0 <= layer_idx < n_layers:
-            raise ValueError(f"rwkv7: layer_idx={layer_idx} must be in [0, n_layers={n_layers})")
+        layer_idx, n_layers = layer_depth("rwkv7", layer_idx, n_layers)
         C, N, H = d_model, self.head_dim, self.n_heads
         ranks = {"decay_rank": decay_rank, "lr_rank": lr_rank, "gate_rank": gate_rank}
         for name, value in ranks.items():
@@ -109,10 +106,8 @@ class RWKV7(Mixer):
         self.lr_rank = lr_rank or _lora_rank(C, 2.5)
         self.gate_rank = gate_rank or _lora_rank(C, 5.0)
 
-        r0 = layer_idx / (n_layers - 1) if n_layers > 1 else 0.0  # 0 to 1 over depth
-        r1 = 1.0 - layer_idx / n_layers  # 1 to almost 0 over depth
+        r0, r1, ramp = rwkv_ramps(C, layer_idx, n_layers)
         with torch.no_grad():
-            ramp = torch.arange(C, dtype=torch.float64) / C
             powers = {"r": 0.2, "w": 0.9, "k": 0.7, "v": 0.7, "a": 0.9, "g": 0.2}
             self.mix = nn.Parameter(torch.stack([1 - ramp ** (powers[b] * r1) for b in BRANCHES]).float())  # mu: [6, C]
             n = torch.arange(C, dtype=torch.float64)
