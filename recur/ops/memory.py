@@ -138,15 +138,17 @@ def memory_state(weights: Sequence[torch.Tensor], count: torch.Tensor | None = N
 # ------------------------------------------------------------------- the MLP by hand
 def _normalize(z: torch.Tensor, gain: torch.Tensor | None, eps: float) -> torch.Tensor:
     """N(z), the bias-free LayerNorm with a per-head gain; the identity when ``gain`` is None.
-    z [batch, heads, n, d]; gain [heads, d]."""
+    z [batch, heads, ..., d]; gain [heads, d]."""
     if gain is None:
         return z
-    return torch.nn.functional.layer_norm(z, z.shape[-1:], eps=eps) * gain[:, None, :]
+    gain = gain.reshape(gain.shape[0], *[1] * (z.ndim - 3), gain.shape[-1])
+    return torch.nn.functional.layer_norm(z, z.shape[-1:], eps=eps) * gain
 
 
 def mlp_forward(weights: Sequence[torch.Tensor], x: torch.Tensor, activation: str = "silu",
                 residual: bool = True, norm: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
-    """M(x) for weights [batch, heads, d_in, d_out] per layer and x [batch, heads, n, d_0] -> [..., n, d_L]."""
+    """M(x) for weights [batch, heads, ..., d_in, d_out] per layer and x [batch, heads, ..., n, d_0]
+    -> [..., n, d_L] (extra dims in the middle: e.g. one memory per token)."""
     act, _ = ACTIVATIONS[activation]
     h = x
     for i, w in enumerate(weights):
@@ -250,54 +252,71 @@ def mlp_memory(
 
 
 def _check(q, k, v, lr, momentum, decay, state, residual) -> None:
+    if not isinstance(state, MemoryState):
+        raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
+    check_memory_call(q, k, v, dict(lr=lr, momentum=momentum, decay=decay),
+                      dict(weights=state.weights, anchor=state.anchor, momentum=state.momentum), state.count, residual)
+
+
+def check_memory_call(q, k, v, gates: dict, layers: dict, count, residual: bool) -> None:
+    """Shapes of a test-time memory's call (``mlp_memory``, ``recur.ops.miras``): q, k [batch,
+    heads, time, d_k], v [..., d_v]; each gate [batch, heads, time] (or None); ``layers`` names
+    tuples of per-layer weights [batch, heads, d_in, d_out] that must agree, chaining d_k to
+    d_v; ``count`` int64 [batch]."""
     if q.ndim != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be [batch, heads, time, d_k], got {tuple(q.shape)} and {tuple(k.shape)}")
     B, H, T, Dk = q.shape
     if v.ndim != 4 or v.shape[:3] != (B, H, T):
         raise ValueError(f"v must be [batch={B}, heads={H}, time={T}, d_v], got {tuple(v.shape)}")
-    for name, g in (("lr", lr), ("momentum", momentum), ("decay", decay)):
-        if g.shape != (B, H, T):
+    for name, g in gates.items():
+        if g is not None and g.shape != (B, H, T):
             raise ValueError(f"{name} must be [batch={B}, heads={H}, time={T}], got {tuple(g.shape)}")
-    if not isinstance(state, MemoryState):
-        raise TypeError(f"state must be a MemoryState, got {type(state).__name__}")
-    weights = state.weights
-    if not weights or len(state.anchor) != len(weights) or len(state.momentum) != len(weights):
-        raise ValueError("state.weights, state.anchor and state.momentum must hold the same number (>= 1) of layers")
+    names = ", ".join(f"state.{n}" for n in layers)
+    first, *others = layers.values()
+    if not first or any(len(ws) != len(first) for ws in others):
+        raise ValueError(f"{names} must hold the same number (>= 1) of layers")
     dims = [Dk]
-    for i, w in enumerate(weights):
+    for i, w in enumerate(first):
         if w.ndim != 4 or w.shape[:2] != (B, H) or w.shape[2] != dims[-1]:
             raise ValueError(f"memory layer {i} must be [batch={B}, heads={H}, d_in={dims[-1]}, d_out], got {tuple(w.shape)}")
-        if state.anchor[i].shape != w.shape or state.momentum[i].shape != w.shape:
-            raise ValueError(f"memory layer {i}: anchor and momentum must have the weights' shape {tuple(w.shape)}")
+        if any(ws[i].shape != w.shape for ws in others):
+            raise ValueError(f"memory layer {i}: {names} must all have the shape {tuple(w.shape)}")
         dims.append(w.shape[3])
     if dims[-1] != v.shape[-1]:
         raise ValueError(f"the memory's last layer outputs {dims[-1]} channels, v has d_v={v.shape[-1]}")
     if residual and Dk != v.shape[-1]:
         raise ValueError(f"a residual memory needs d_k == d_v, got {Dk} and {v.shape[-1]}")
-    if state.count.shape != (B,) or state.count.dtype != torch.int64:
-        raise ValueError(f"state.count must be int64 [batch={B}], got {state.count.dtype} {tuple(state.count.shape)}")
+    if count.shape != (B,) or count.dtype != torch.int64:
+        raise ValueError(f"state.count must be int64 [batch={B}], got {count.dtype} {tuple(count.shape)}")
 
 
 # ------------------------------------------------------------------------ reference
+def by_phase(run, rows: Sequence[torch.Tensor | None], state, **args):
+    """``run(*rows, state, phase, **args)`` on the batch rows grouped by their mini-batch phase
+    (``state.count``): every row of one call is at the same position of its mini-batch. Rows
+    differ only when states from different positions were concatenated. ``rows`` are tensors
+    with a leading batch dimension (or None); ``state`` is a NamedTuple of per-layer weight
+    tuples ending with ``count`` (``MemoryState``, ``recur.ops.miras.MirasState``)."""
+    count = state.count
+    if bool((count == count[0]).all()):
+        return run(*rows, state, int(count[0]), **args)
+    groups = [(count == c).nonzero().squeeze(1) for c in torch.unique(count)]
+    outs, states = [], []
+    for g in groups:
+        sub = type(state)(*(tuple(w[g] for w in ws) for ws in state[:-1]), count[g])
+        o, s = run(*(None if t is None else t[g] for t in rows), sub, int(count[g[0]]), **args)
+        outs.append(o)
+        states.append(s)
+    inverse = torch.argsort(torch.cat(groups))
+    merged = [tuple(torch.cat(ws)[inverse] for ws in zip(*(s[i] for s in states))) for i in range(len(state) - 1)]
+    return torch.cat(outs)[inverse], type(state)(*merged, torch.cat([s.count for s in states])[inverse])
+
+
 def _by_phase(run):
-    """Run ``run`` on rows grouped by their mini-batch phase (``count``): every row of one call
-    to ``run`` is at the same position of its mini-batch. Rows differ only when states from
-    different positions were concatenated."""
+    """``run`` (q, k, v, lr, momentum, decay, state, phase) applied through ``by_phase``."""
 
     def wrapped(q, k, v, lr, momentum, decay, state, **args):
-        count = state.count
-        if bool((count == count[0]).all()):
-            return run(q, k, v, lr, momentum, decay, state, int(count[0]), **args)
-        groups = [(count == c).nonzero().squeeze(1) for c in torch.unique(count)]
-        outs, states = [], []
-        for rows in groups:
-            sub = MemoryState(*(tuple(w[rows] for w in ws) for ws in state[:3]), count[rows])
-            o, s = run(q[rows], k[rows], v[rows], lr[rows], momentum[rows], decay[rows], sub, int(count[rows[0]]), **args)
-            outs.append(o)
-            states.append(s)
-        inverse = torch.argsort(torch.cat(groups))
-        merged = [tuple(torch.cat(ws)[inverse] for ws in zip(*(s[i] for s in states))) for i in range(3)]
-        return torch.cat(outs)[inverse], MemoryState(*merged, torch.cat([s.count for s in states])[inverse])
+        return by_phase(run, (q, k, v, lr, momentum, decay), state, **args)
 
     return wrapped
 

@@ -58,7 +58,7 @@ from typing import NamedTuple
 
 import torch
 
-from recur.ops.memory import ACTIVATIONS, mlp_gradients
+from recur.ops.memory import ACTIVATIONS, by_phase, check_memory_call, mlp_forward, mlp_gradients
 
 MODES = ("reference", "chunk")
 
@@ -184,57 +184,20 @@ def miras_memory(
     state = MirasState(cast(state.params, work), cast(state.anchor, work), state.count)
     mlp = dict(activation=activation, residual=residual, norm=None if norm is None else norm.to(work), eps=eps)
     piece = _reference_piece if mode == "reference" else _chunk_piece
-    o, state = _grouped(q, k, v, lr, retain, aux, state, piece=piece, chunk_size=chunk_size, bias=bias,
+    # rows at different mini-batch phases run separately
+    o, state = by_phase(_run, (q, k, v, lr, retain, aux), state, piece=piece, chunk_size=chunk_size, bias=bias,
                         retention=retention, mlp=mlp)
     return o.to(dtype), MirasState(cast(state.params, dtype), cast(state.anchor, dtype), state.count)
 
 
 def _check(q, k, v, lr, retain, aux, state, residual) -> None:
-    if q.ndim != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be [batch, heads, time, d_k], got {tuple(q.shape)} and {tuple(k.shape)}")
-    B, H, T, Dk = q.shape
-    if v.ndim != 4 or v.shape[:3] != (B, H, T):
-        raise ValueError(f"v must be [batch={B}, heads={H}, time={T}, d_v], got {tuple(v.shape)}")
-    for name, g in (("lr", lr), ("retain", retain), ("aux", aux)):
-        if g is not None and g.shape != (B, H, T):
-            raise ValueError(f"{name} must be [batch={B}, heads={H}, time={T}], got {tuple(g.shape)}")
     if not isinstance(state, MirasState):
         raise TypeError(f"state must be a MirasState, got {type(state).__name__}")
-    if not state.params or len(state.anchor) != len(state.params):
-        raise ValueError("state.params and state.anchor must hold the same number (>= 1) of layers")
-    dims = [Dk]
-    for i, w in enumerate(state.params):
-        if w.ndim != 4 or w.shape[:2] != (B, H) or w.shape[2] != dims[-1] or state.anchor[i].shape != w.shape:
-            raise ValueError(f"memory layer {i} (params and anchor) must be [batch={B}, heads={H}, d_in={dims[-1]}, d_out], "
-                             f"got {tuple(w.shape)} and {tuple(state.anchor[i].shape)}")
-        dims.append(w.shape[3])
-    if dims[-1] != v.shape[-1]:
-        raise ValueError(f"the memory's last layer outputs {dims[-1]} channels, v has d_v={v.shape[-1]}")
-    if residual and Dk != v.shape[-1]:
-        raise ValueError(f"a residual memory needs d_k == d_v, got {Dk} and {v.shape[-1]}")
-    if state.count.shape != (B,) or state.count.dtype != torch.int64:
-        raise ValueError(f"state.count must be int64 [batch={B}], got {state.count.dtype} {tuple(state.count.shape)}")
+    check_memory_call(q, k, v, dict(lr=lr, retain=retain, aux=aux), dict(params=state.params, anchor=state.anchor),
+                      state.count, residual)
 
 
 # ------------------------------------------------------------------------------ driver
-def _grouped(q, k, v, lr, retain, aux, state, **args):
-    """Rows grouped by mini-batch phase (``count``; rows differ only when states from different
-    positions were concatenated), each group run by ``_run``."""
-    count = state.count
-    if bool((count == count[0]).all()):
-        return _run(q, k, v, lr, retain, aux, state, int(count[0]), **args)
-    groups = [(count == c).nonzero().squeeze(1) for c in torch.unique(count)]
-    outs, states = [], []
-    for rows in groups:
-        sub = MirasState(tuple(w[rows] for w in state.params), tuple(w[rows] for w in state.anchor), count[rows])
-        o, s = _run(q[rows], k[rows], v[rows], lr[rows], retain[rows], None if aux is None else aux[rows], sub, int(count[rows[0]]), **args)
-        outs.append(o)
-        states.append(s)
-    inverse = torch.argsort(torch.cat(groups))
-    merge = lambda i: tuple(torch.cat(ws)[inverse] for ws in zip(*(s[i] for s in states)))  # noqa: E731
-    return torch.cat(outs)[inverse], MirasState(merge(0), merge(1), torch.cat([s.count for s in states])[inverse])
-
-
 def _run(q, k, v, lr, retain, aux, state, phase, *, piece, chunk_size, bias, retention, mlp):
     """Split the call at mini-batch boundaries; ``piece`` runs the tokens of one mini-batch."""
     T = q.shape[2]
@@ -257,20 +220,6 @@ def _run(q, k, v, lr, retain, aux, state, phase, *, piece, chunk_size, bias, ret
     return o, MirasState(tuple(P), tuple(A), (state.count + T) % chunk_size)
 
 
-def _read(W, u, mlp):
-    """M_W(u) for weights [..., d_in, d_out] and u [..., 1, d_0] (the same leading dims)."""
-    act, _ = ACTIVATIONS[mlp["activation"]]
-    h = u
-    for i, w in enumerate(W):
-        h = h @ w
-        if i < len(W) - 1:
-            h = act(h)
-    gain = mlp["norm"]
-    if gain is not None:
-        h = torch.nn.functional.layer_norm(h, h.shape[-1:], eps=mlp["eps"]) * gain.reshape(gain.shape[0], *[1] * (h.ndim - 3), gain.shape[-1])
-    return h + u if mlp["residual"] else h
-
-
 def _reference_piece(q, lr, retain, inputs, deltas, P, retention, mlp):
     """Token by token: P <- a P - eta h^T delta per layer, W = R(P), read."""
     steps = [(-lr[..., None, None] * h[..., :, None] * d[..., None, :]).unbind(2) for h, d in zip(inputs, deltas)]
@@ -278,7 +227,7 @@ def _reference_piece(q, lr, retain, inputs, deltas, P, retention, mlp):
     outs = []
     for q_t, a_t, step_t in tokens:
         P = [torch.addcmul(step, a_t, p) for p, step in zip(P, step_t)]
-        outs.append(_read([retention(p) for p in P], q_t[:, :, None], mlp))
+        outs.append(mlp_forward([retention(p) for p in P], q_t[:, :, None], **mlp))
     return torch.cat(outs, dim=2), P
 
 
@@ -293,5 +242,5 @@ def _chunk_piece(q, lr, retain, inputs, deltas, P, retention, mlp):
     D0, C = D[..., 0], D[..., 1:] * lr[..., None, :]  # C[i, m] = D[i, m] eta_m, zero for m > i
     Ps = [D0[..., None, None] * p[:, :, None] - torch.einsum("bhim,bhmk,bhmj->bhikj", C, h, d)
           for p, h, d in zip(P, inputs, deltas)]  # [B, H, n, d_in, d_out]
-    o = _read([retention(p) for p in Ps], q[..., None, :], mlp).squeeze(-2)
+    o = mlp_forward([retention(p) for p in Ps], q[..., None, :], **mlp).squeeze(-2)
     return o, [p[:, :, -1] for p in Ps]
