@@ -11,6 +11,7 @@ loops of ``recur.ops.cells`` (forward without an autograd graph, hand-written BP
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 
 import torch
 from einops import rearrange
@@ -157,12 +158,12 @@ class _TorchLayoutCell(Mixer):
         """The bias folded into the input projection ([dirs, gates * hidden])."""
         return self.bias_ih[k] + self.bias_hh[k]
 
+    @abstractmethod
     def _loop(self, u, w_hh, b_hh, *states):
         """The recurrence over time. u [time, streams, batch, gates*head_dim] (input projections),
         w_hh [streams, head_dim, gates*head_dim], b_hh [streams, 1, gates*head_dim], states
         [streams, batch, head_dim]; returns (h_t for every t [time, streams, batch, head_dim],
         final states). The fused loops of ``recur.ops.cells`` (hand-written BPTT)."""
-        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_layers={self.num_layers}, bidirectional={self.bidirectional}, "

@@ -56,6 +56,8 @@ Interpretations (the paper is silent or ambiguous; recur's choices):
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -330,8 +332,9 @@ class _WindowTitans(_TitansBase):
             raise ValueError(f"window must be an int >= 1 (a query sees itself and window - 1 earlier tokens), got {value!r}")
         self._window = value
 
+    @abstractmethod
     def _memory_module(self) -> NeuralMemory:
-        raise NotImplementedError
+        """The NeuralMemory inside this architecture."""
 
     def init_state(self, batch_size, device=None, dtype=None) -> State:
         return State(self.attention.init_state(batch_size, device, dtype),
