@@ -101,15 +101,29 @@ class Mamba(Mixer):
             h=torch.zeros(batch_size, self.d_inner, self.d_state, device=device, dtype=dtype),
         )
 
-    def _forward(self, x, state):
-        work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    def scan_inputs(self, x: torch.Tensor, state: State | None = None):
+        """(u, dt, A, B, C) that the layer feeds the selective scan for input x [batch, time, d_model]
+        (from a zero state unless ``state`` is given): what ``recur speed`` times the scan on."""
+        state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype) if state is None else state
+        return self._scan_inputs(self._branches(x, state)[0], x.dtype)
+
+    def _branches(self, x, state):
+        """(conv branch after its short conv and SiLU, gate branch z, conv tail)."""
         xs, z = self.in_proj(x).chunk(2, dim=-1)
         xs, conv_tail = self.conv(xs, state["conv"])
+        return xs, z, conv_tail
+
+    def _scan_inputs(self, xs, dtype):
+        work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         dt_low, Bm, Cm = self.x_proj(xs).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt_low).to(work))  # [batch, time, d_inner]
         A = -self.A_log.to(work).exp()  # [d_inner, N]
-        u, Bm, Cm = xs.to(work), Bm.to(work), Cm.to(work)
+        return xs.to(work), dt, A, Bm.to(work), Cm.to(work)
 
+    def _forward(self, x, state):
+        xs, z, conv_tail = self._branches(x, state)
+        u, dt, A, Bm, Cm = self._scan_inputs(xs, x.dtype)
+        work = u.dtype
         y, h = selective_scan(u, dt, A, Bm, Cm, state["h"].to(work), mode=self.op_mode, chunk_size=self.chunk_size)
         y = y + self.D.to(work) * u
         y = y * F.silu(z.to(work))

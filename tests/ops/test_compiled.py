@@ -68,3 +68,25 @@ def test_half_precision_goes_through_float32():
     log_a, b, h0 = make_inputs(2, 30, [5], dtype=torch.float32)
     h, _ = diagonal_scan(log_a, b.bfloat16(), h0.bfloat16(), mode="chunk")
     assert h.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("B,dims", [(1, [40]), (1, [3, 70]), (3, [40])])
+def test_rows_split_across_threads_equal_reference(B, dims):
+    """With two threads and fewer batch rows than threads, the kernel splits each row's
+    channels into runs (recur.ops.compiled._block); the runs must join up exactly."""
+    torch.set_num_threads(2)  # the autouse fixture restores one thread for the next test
+    args = make_inputs(B, 33, dims, "full", "typical", True, False, True, seed=5)
+    with kernels(True):
+        assert_same(run(diagonal_scan, args, mode="chunk"), run(diagonal_scan, args, mode="reference"))
+
+
+def test_block_sizes():
+    import numba
+    numba.set_num_threads(2)
+    try:
+        assert compiled._block(8, 1024) == 1024  # enough rows: whole rows
+        assert compiled._block(1, 1024) == 512  # one row, two threads: two runs
+        assert compiled._block(1, 40) == 32  # runs are multiples of 16 ...
+        assert compiled._block(1, 1024, cap=256) == 256  # ... and at most the cap
+    finally:
+        numba.set_num_threads(1)

@@ -61,6 +61,20 @@ def test_chunk_equals_reference_forward_and_gradients(path, B, T, D, N, init, ch
         torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize("B,D", [(1, 40), (1, 600), (3, 40)])
+def test_compiled_split_across_threads_equals_reference(B, D):
+    """With two threads and fewer rows than threads the compiled kernels split the channels
+    into work items (at most compiled.SEL_BLOCK wide, the last one partial): the split must not
+    change outputs, states or gradients."""
+    torch.set_num_threads(2)  # the autouse fixture restores one thread for the next test
+    args = inputs(B, 130, D, 5, seed=3)
+    want = run(args, mode="reference")
+    with kernels(True):
+        got = run(args, mode="chunk")
+    for a, b in zip([*got[:2], *got[2]], [*want[:2], *want[2]]):
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
 def test_reference_is_the_literal_recurrence():
     u, dt, A, B, C, h = inputs(2, 7, 3, 4, seed=1)
     y, h_last = selective_scan(u, dt, A, B, C, h, mode="reference")
