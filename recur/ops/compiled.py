@@ -102,6 +102,72 @@ if numba is not None:
                 grad_h0[row, c0 + c] = np.conj(a_next[c]) * g[c]
 
 
+    # Grouped variants: log_a has one entry per group of ``rep`` consecutive channels (a decay
+    # per key dimension shared by a row of a d_k x d_v matrix state), so it is neither expanded
+    # in memory nor exponentiated once per channel.
+    @njit(parallel=True, cache=True)
+    def _forward_grouped(log_a, b, h0, out, rep, block):  # pragma: no cover - compiled
+        B, T, C = b.shape
+        G = C // rep
+        n_blocks = (G + block - 1) // block
+        for job in prange(B * n_blocks):
+            row = job // n_blocks
+            g0 = (job % n_blocks) * block
+            g1 = min(G, g0 + block)
+            c0, c1 = g0 * rep, g1 * rep
+            la_row = row if log_a.shape[0] > 1 else 0
+            h = h0[row, c0:c1].copy()
+            for t in range(T):
+                la = log_a[la_row, t if log_a.shape[1] > 1 else 0, g0:g1]
+                bt = b[row, t, c0:c1]
+                o = out[row, t, c0:c1]
+                for gi in range(g1 - g0):
+                    a = fast_exp(la[gi])
+                    base = gi * rep
+                    for r in range(base, base + rep):
+                        v = a * h[r] + bt[r]
+                        h[r] = v
+                        o[r] = v
+
+    # reassoc: the gradient of each group's log decay is a sum over its channels.
+    @njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "nsz"})
+    def _backward_grouped(log_a, h0, hs, grad_hs, grad_b, grad_la, grad_h0, rep, block):  # pragma: no cover
+        # grad_la: [B, T, G] (log_a's groups, expanded over its broadcast batch/time dims)
+        B, T, C = hs.shape
+        G = C // rep
+        n_blocks = (G + block - 1) // block
+        for job in prange(B * n_blocks):
+            row = job // n_blocks
+            g0 = (job % n_blocks) * block
+            g1 = min(G, g0 + block)
+            c0, c1 = g0 * rep, g1 * rep
+            la_row = row if log_a.shape[0] > 1 else 0
+            g = np.zeros(c1 - c0, dtype=hs.dtype)
+            a_next = np.zeros(g1 - g0, dtype=hs.dtype)  # a_{t+1} per group; zero beyond the end
+            zero = np.zeros(1, dtype=hs.dtype)[0]
+            for t in range(T - 1, -1, -1):
+                la = log_a[la_row, t if log_a.shape[1] > 1 else 0, g0:g1]
+                h_prev = hs[row, t - 1, c0:c1] if t > 0 else h0[row, c0:c1]
+                gh, gb, gla = grad_hs[row, t, c0:c1], grad_b[row, t, c0:c1], grad_la[row, t, g0:g1]
+                for gi in range(g1 - g0):
+                    a_t = fast_exp(la[gi])
+                    an = np.conj(a_next[gi])
+                    ca = np.conj(a_t)
+                    acc = zero
+                    base = gi * rep
+                    for r in range(base, base + rep):
+                        gc = gh[r] + an * g[r]
+                        g[r] = gc
+                        gb[r] = gc
+                        acc += gc * ca * np.conj(h_prev[r])
+                    gla[gi] = acc
+                    a_next[gi] = a_t
+            for gi in range(g1 - g0):
+                an = np.conj(a_next[gi])
+                for r in range(gi * rep, (gi + 1) * rep):
+                    grad_h0[row, c0 + r] = an * g[r]
+
+
 def _block(rows: int, channels: int, cap: int | None = None) -> int:
     """Channels per work item: whole rows when there are enough rows to keep every thread busy
     (each item then streams through contiguous memory, which the prefetcher keeps at memory
@@ -296,41 +362,131 @@ def _as_3d(t: torch.Tensor, channels: int) -> torch.Tensor:
 
 class _Scan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, log_a, b, h0):
-        # log_a: [Ba, Ta, C] with Ba in {1, B}, Ta in {1, T}; b: [B, T, C]; h0: [B, C] (contiguous)
+    def forward(ctx, log_a, b, h0, rep):
+        # log_a: [Ba, Ta, C // rep] with Ba in {1, B}, Ta in {1, T}, one entry per group of rep
+        # channels; b: [B, T, C]; h0: [B, C] (all contiguous)
         out = torch.empty_like(b)
         _set_threads()
-        _forward(log_a.numpy(), b.numpy(), h0.numpy(), out.numpy(), _block(b.shape[0], b.shape[2]))
+        if rep == 1:
+            _forward(log_a.numpy(), b.numpy(), h0.numpy(), out.numpy(), _block(b.shape[0], b.shape[2]))
+        else:
+            _forward_grouped(log_a.numpy(), b.numpy(), h0.numpy(), out.numpy(), rep, _block(b.shape[0], log_a.shape[2]))
         ctx.save_for_backward(log_a, h0, out)
+        ctx.rep = rep
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         log_a, h0, hs = ctx.saved_tensors
+        rep = ctx.rep
         grad_out = grad_out.contiguous()
         grad_b = torch.empty_like(hs)
-        grad_la = torch.empty(hs.shape, dtype=hs.dtype)  # per step, complex if the scan is
+        grad_la = torch.empty(*hs.shape[:2], log_a.shape[2], dtype=hs.dtype)  # per step, complex if the scan is
         grad_h0 = torch.empty_like(h0)
         _set_threads()
-        _backward(log_a.numpy(), h0.numpy(), hs.numpy(), grad_out.numpy(), grad_b.numpy(), grad_la.numpy(), grad_h0.numpy(),
-                  _block(hs.shape[0], hs.shape[2]))
+        args = (log_a.numpy(), h0.numpy(), hs.numpy(), grad_out.numpy(), grad_b.numpy(), grad_la.numpy(), grad_h0.numpy())
+        if rep == 1:
+            _backward(*args, _block(hs.shape[0], hs.shape[2]))
+        else:
+            _backward_grouped(*args, rep, _block(hs.shape[0], log_a.shape[2]))
         if not log_a.is_complex() and grad_la.is_complex():
             grad_la = grad_la.real
         # reduce over the dimensions log_a was broadcast along
         dims = [d for d in (0, 1) if log_a.shape[d] == 1 and hs.shape[d] != 1]
         if dims:
             grad_la = grad_la.sum(dim=dims, keepdim=True)
-        return grad_la, grad_b, grad_h0
+        return grad_la, grad_b, grad_h0, None
 
 
 def scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     """All states h [batch, time, *dims] of h_t = exp(log_a_t) h_{t-1} + b_t (compiled, CPU).
 
     log_a: [batch or 1, time or 1, *dims] (already promoted to b's precision, real or
-    complex); b: [batch, time, *dims]; h0: [batch, *dims], b's dtype.
+    complex; b's number of dimensions); b: [batch, time, *dims]; h0: [batch, *dims], b's
+    dtype. When log_a is broadcast along trailing dims only (a decay per row of a matrix
+    state), the kernels read it per group of channels instead of expanding it.
     """
-    C = int(np.prod(b.shape[2:])) if b.ndim > 2 else 1
-    la = log_a.expand(log_a.shape[0], log_a.shape[1], *b.shape[2:]).reshape(log_a.shape[0], log_a.shape[1], C)
-    hs = _Scan.apply(la.contiguous(), _as_3d(b, C).contiguous(), h0.reshape(b.shape[0], C).contiguous())
+    dims_a, dims_b = tuple(log_a.shape[2:]), tuple(b.shape[2:])
+    C = int(np.prod(dims_b)) if dims_b else 1
+    j = len(dims_b)
+    while j > 0 and dims_a[j - 1] == 1:
+        j -= 1
+    rep = int(np.prod(dims_b[j:])) if j < len(dims_b) else 1
+    Ba, Ta = log_a.shape[0], log_a.shape[1]
+    if rep > 1 and dims_a[:j] == dims_b[:j]:
+        la = log_a.reshape(Ba, Ta, C // rep)
+    else:
+        rep = 1
+        la = log_a.expand(Ba, Ta, *dims_b).reshape(Ba, Ta, C)
+    hs = _Scan.apply(la.contiguous(), _as_3d(b, C).contiguous(), h0.reshape(b.shape[0], C).contiguous(), rep)
     return hs.reshape(b.shape)
+
+
+# -------------------------------------------------------------- unit lower-triangular solves
+# X = (I + L)^{-1} R for a batch of small systems, L strictly lower triangular (its diagonal and
+# upper part are ignored): the delta rule's UT transform within each chunk. By forward
+# substitution, row by row, X_i = R_i - sum_{j<i} L_ij X_j, each row an axpy over the
+# right-hand sides' columns (vectorised); no copies to LAPACK's column-major layout. Backward,
+# with G the gradient reaching X:  dR = (I + L)^{-T} G  (back substitution with L^T) and
+# dL = -strict_lower(dR X^T).
+def can_tri_solve(L: torch.Tensor, R: torch.Tensor) -> bool:
+    return enabled() and R.device.type == "cpu" and R.dtype in (torch.float32, torch.float64) and L.dtype == R.dtype
+
+
+if numba is not None:
+
+    @njit(parallel=True, cache=True, fastmath={"contract"})
+    def _lower_solve(L, R, X):  # pragma: no cover - compiled
+        M, C, D = R.shape
+        for m in prange(M):
+            for i in range(C):
+                xi, ri = X[m, i], R[m, i]
+                for d in range(D):
+                    xi[d] = ri[d]
+                for j in range(i):
+                    lij, xj = L[m, i, j], X[m, j]
+                    for d in range(D):
+                        xi[d] -= lij * xj[d]
+
+    @njit(parallel=True, cache=True, fastmath={"contract"})
+    def _upper_solve_transposed(L, G, Y):  # pragma: no cover - compiled
+        # Y = (I + L)^{-T} G: back substitution, Y_i = G_i - sum_{j>i} L_ji Y_j
+        M, C, D = G.shape
+        for m in prange(M):
+            for i in range(C - 1, -1, -1):
+                yi, gi = Y[m, i], G[m, i]
+                for d in range(D):
+                    yi[d] = gi[d]
+                for j in range(i + 1, C):
+                    lji, yj = L[m, j, i], Y[m, j]
+                    for d in range(D):
+                        yi[d] -= lji * yj[d]
+
+
+class _UnitLowerSolve(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, L, R):
+        X = torch.empty_like(R)
+        _set_threads()
+        _lower_solve(L.numpy(), R.numpy(), X.numpy())
+        ctx.save_for_backward(L, X)
+        return X
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, G):
+        L, X = ctx.saved_tensors
+        dR = torch.empty_like(X)
+        _set_threads()
+        _upper_solve_transposed(L.numpy(), G.contiguous().numpy(), dR.numpy())
+        dL = -(dR @ X.transpose(-1, -2)).tril_(-1) if ctx.needs_input_grad[0] else None
+        return dL, dR
+
+
+def unit_lower_solve(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+    """(I + strict_lower(L))^{-1} R for L [..., C, C] and R [..., C, D] (compiled, CPU)."""
+    batch = R.shape[:-2]
+    L3 = L.expand(*batch, *L.shape[-2:]).reshape(-1, *L.shape[-2:]).contiguous()
+    X = _UnitLowerSolve.apply(L3, R.reshape(-1, *R.shape[-2:]).contiguous())
+    return X.reshape(R.shape)

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from recur.ops import trace
+from recur.ops.scan import fast_scan
 
 MODES = ("reference", "chunk", "parallel")
 SUB_CHUNK = 16  # sub-chunk length for per-dimension decays (pairwise tensor [sub, sub, d_k])
@@ -282,7 +283,8 @@ def _chunked(q, k, v, g, S, chunk_size: int, before: bool, u):
         # Per-dimension decays small enough to factor through the chunk start (see
         # _intra_scores): e^{cq} and e^{-c} serve the intra-chunk scores, the state update
         # (e^{c_last - c} = e^{c_last} e^{-c}) and the read of the entering state alike.
-        q_dec, k_inv = q * cq.exp(), k * (-c).exp()
+        e_c = c.exp()  # in [e^-limit, 1]: dividing by it is safe and saves an exp
+        q_dec, k_inv = q * (cq.exp() if before else e_c), k / e_c
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if before else 0)
         scores = (q_dec @ k_inv.transpose(-1, -2)).masked_fill(~causal, 0.0)
         k_end = k_inv * c_last.exp()
@@ -293,17 +295,18 @@ def _chunked(q, k, v, g, S, chunk_size: int, before: bool, u):
         scores = scores + torch.diag_embed((q * u.unsqueeze(-3) * k).sum(-1))
     o = scores @ v
 
-    # State passing: each chunk adds its k_j decayed to the chunk end, times v_j.
+    # State passing: each chunk adds its k_j decayed to the chunk end, times v_j, to the state
+    # decayed over the chunk: S_n = e^{c_last,n} S_{n-1} + update_n, a diagonal scan over chunks
+    # (one compiled pass on CPU) whose channels are the d_k x d_v state entries.
     update = k_end.transpose(-1, -2) @ v  # [b, h, n, d_k, d_v]
-    decay = c_last.exp().transpose(-1, -2)  # [b, h, n, G, 1]: total decay over the chunk
-    entering = []
-    for decay_n, update_n in zip(decay.unbind(2), update.unbind(2)):  # unbind: linear-cost backward
-        entering.append(S)
-        S = decay_n * S + update_n
-    entering = torch.stack(entering, dim=2)  # state before each chunk: [b, h, n, d_k, d_v]
-    o = o + q_dec @ entering
+    bh, n, dk, dv = q.shape[0] * q.shape[1], update.shape[2], update.shape[3], update.shape[4]
+    log_decay = c_last.transpose(-1, -2).reshape(bh, n, -1, 1)  # [bh, n, G, 1]
+    states = fast_scan(log_decay, update.reshape(bh, n, dk, dv), S.reshape(bh, dk, dv)).view(update.shape)
+    # the state entering chunk n is S_{n-1}: chunk 0 reads S, the others the scan's states
+    o[:, :, :1] += q_dec[:, :, :1] @ S.unsqueeze(2)
+    o[:, :, 1:] += q_dec[:, :, 1:] @ states[:, :, :-1]
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]
-    return o, S
+    return o, states[:, :, -1]
 
 
 def _intra_scores(q, k, cq, ck, strict: bool):

@@ -78,15 +78,23 @@ def diagonal_scan(
     b = b.to(work)
     h = b.new_zeros(b.shape[:1] + b.shape[2:]) if h0 is None else h0.to(work)
 
-    if mode == "reference":
-        hs = _reference(log_a, b, h)
-    elif compiled.can_scan(log_a, b, h):  # CPU: one fused pass over memory (numba)
-        hs = compiled.scan(log_a, b, h)
-    else:
-        hs = _chunked(log_a, b, h, chunk_size)
+    hs = _reference(log_a, b, h) if mode == "reference" else fast_scan(log_a, b, h, chunk_size)
     trace.record(diagonal_scan, dict(log_a=log_a, b=b, h0=h, mode=mode, chunk_size=chunk_size), "b", "h0", hs,
                  layout="channels", batched=("log_a", "b", "h0"))
     return hs.to(out), hs[:, -1].to(out)
+
+
+def fast_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
+    """All states of h_t = exp(log_a_t) h_{t-1} + b_t, for other primitives' inner recurrences.
+
+    The fast path of ``diagonal_scan`` without its checks, promotion and trace record: log_a
+    [batch or 1, time or 1, *dims broadcastable to b's], b [batch, time, *dims] and h0
+    [batch, *dims] already in one working dtype. CPU: the compiled kernel; elsewhere the
+    two-level chunked scan.
+    """
+    if compiled.can_scan(log_a, b, h0):  # CPU: one fused pass over memory (numba)
+        return compiled.scan(log_a, b, h0)
+    return _chunked(log_a, b, h0, chunk_size)
 
 
 def _check(op: str, log_a, b, h0, names=("log_a", "b", "h0"), allow_complex: bool = True) -> None:

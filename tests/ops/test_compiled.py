@@ -90,3 +90,16 @@ def test_block_sizes():
         assert compiled._block(1, 1024, cap=256) == 256  # ... and at most the cap
     finally:
         numba.set_num_threads(1)
+
+
+def test_decays_shared_along_trailing_dims_take_the_grouped_kernels(monkeypatch):
+    """A decay per row of a matrix state ([B, T, d_k, 1] against [B, T, d_k, d_v]) is read per
+    group, never expanded: the grouped kernels run, and equal the reference (forward and backward)."""
+    calls = []
+    for name in ("_forward_grouped", "_backward_grouped"):
+        real = getattr(compiled, name)
+        monkeypatch.setattr(compiled, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    args = make_inputs(2, 37, [5, 19], "per_key", "typical", False, False, True, seed=11)
+    with kernels(True):
+        assert_same(run(diagonal_scan, args, mode="chunk"), run(diagonal_scan, args, mode="reference"))
+    assert calls == ["_forward_grouped", "_backward_grouped"]

@@ -23,7 +23,7 @@ RTOL, ATOL = 1e-8, 1e-10
 # chunk), decay ~1 (a ~ 1 - 1e-4, the state integrates over the whole sequence).
 DECAYS = {"typical": (-1.0, 0.0), "near0": (-31.0, -29.0), "near1": (-2e-4, 0.0)}
 # Shapes of log_a relative to b: [batch, time, *dims]
-FORMS = ("full", "constant", "shared", "per_step", "per_row")
+FORMS = ("full", "constant", "shared", "per_step", "per_row", "per_key")
 
 
 def log_a_shape(form, B, T, dims):
@@ -33,6 +33,9 @@ def log_a_shape(form, B, T, dims):
         "shared": (T, *dims),  # the same decays for every row of the batch
         "per_step": (B, T) + (1,) * len(dims),  # one decay per step for all channels
         "per_row": (B, 1, *dims),  # time-invariant, different for each row
+        # one decay per leading channel, shared along the rest (a matrix state's rows decaying
+        # per key dimension: the compiled scan's grouped kernels)
+        "per_key": (B, T, dims[0]) + (1,) * (len(dims) - 1),
     }[form]
 
 
