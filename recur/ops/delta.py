@@ -38,6 +38,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from einops import rearrange
 
 from recur.ops import compiled, trace
@@ -158,22 +159,64 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
     g_last = g[..., -1:]  # [b, h, n, 1]
     k_dec = k * (g_last - g).exp()[..., None]
 
-    # Only the state crosses chunks: a loop over n chunks of small matmuls, on [b*h, ., .]
-    # views so that each step is two fused baddbmm calls.
-    S = S.reshape(B * H, Dk, -1)
-    states, us = [], []
+    # Only the state crosses chunks: a loop over n chunks of small matmuls (_StatePass).
     flat = lambda t: t.reshape(B * H, *t.shape[2:])  # noqa: E731
-    chunks = zip(U0.unbind(2), W.unbind(2), g_last.exp().unbind(2), k_dec.unbind(2))
-    for U0_c, W_c, decay_c, k_dec_c in chunks:
-        states.append(S)
-        U = torch.baddbmm(flat(U0_c), flat(W_c), S, alpha=-1)  # U0 - W S
-        us.append(U)
-        S = torch.baddbmm(flat(decay_c)[:, :, None] * S, flat(k_dec_c).transpose(-1, -2), U)
-    Sc = torch.stack(states, dim=1).view(B, H, n, Dk, -1)  # state entering each chunk
-    o = q_dec @ Sc + P @ torch.stack(us, dim=1).view(B, H, n, C, -1)
+    Sc, U, S = _StatePass.apply(flat(U0), flat(W), flat(g_last.exp()[..., 0]), flat(k_dec), S.reshape(B * H, Dk, -1))
+    o = q_dec @ Sc.view(B, H, n, Dk, -1) + P @ U.view(B, H, n, C, -1)
     S = S.view(B, H, Dk, -1)
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]
     return o, S
+
+
+class _StatePass(torch.autograd.Function):
+    """The delta rule's sequential part, across chunks n = 0..N-1 from S_{-1} = S0:
+
+        U_n = U0_n - W_n S_{n-1}            S_n = d_n S_{n-1} + K_n^T U_n
+
+    U0, W, K: [M, N, C, d] (K the keys decayed to the chunk end), d: [M, N] (the chunk's total
+    decay), S0: [M, d_k, d_v]. Returns (E, U, S_{N-1}) with E_n = S_{n-1}, the state entering
+    chunk n. Under autograd each step would be a handful of graph nodes; the backward is
+    written out instead, with G_n the gradient reaching S_n and gE, gU those reaching E, U:
+
+        gU~_n = gU_n + K_n G_n              G_{n-1} = d_n G_n - W_n^T gU~_n + gE_n
+        dU0_n = gU~_n    dW_n = -gU~_n E_n^T    dK_n = U_n G_n^T    dd_n = <E_n, G_n>    dS0 = G_{-1}
+
+    Only the two recurrences run chunk by chunk; dW, dK and dd are batched matmuls after.
+    """
+
+    @staticmethod
+    def forward(ctx, U0, W, d, K, S0):
+        M, N, C, Dv = U0.shape
+        E = U0.new_empty(M, N, S0.shape[1], Dv)
+        U = torch.empty_like(U0)
+        S = S0
+        for i in range(N):
+            E[:, i] = S
+            U_i = torch.baddbmm(U0[:, i], W[:, i], S, alpha=-1)
+            U[:, i] = U_i
+            S = torch.baddbmm(S * d[:, i, None, None], K[:, i].transpose(1, 2), U_i)
+        ctx.save_for_backward(W, d, K, E, U)
+        return E, U, S
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gE, gU, gS):
+        W, d, K, E, U = ctx.saved_tensors
+        M, N, C, Dv = U.shape
+        gE = torch.zeros_like(E) if gE is None else gE
+        gU = torch.zeros_like(U) if gU is None else gU
+        G = torch.zeros_like(E[:, 0]) if gS is None else gS.contiguous()
+        Gs = torch.empty_like(E)  # G_n, the gradient reaching S_n
+        gUt = torch.empty_like(U)
+        for i in range(N - 1, -1, -1):
+            Gs[:, i] = G
+            gUt_i = torch.baddbmm(gU[:, i], K[:, i], G)
+            gUt[:, i] = gUt_i
+            G = torch.baddbmm(torch.addcmul(gE[:, i], G, d[:, i, None, None]), W[:, i].transpose(1, 2), gUt_i, alpha=-1)
+        dW = -(gUt @ E.transpose(-1, -2)) if ctx.needs_input_grad[1] else None
+        dd = (E * Gs).sum((-1, -2)) if ctx.needs_input_grad[2] else None
+        dK = U @ Gs.transpose(-1, -2) if ctx.needs_input_grad[3] else None
+        return gUt, dW, dd, dK, G
 
 
 def _unit_lower_solve_pair(L, R1, R2):
