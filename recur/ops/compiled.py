@@ -11,8 +11,12 @@ Backward (reverse-mode, the adjoint recurrence), with g_t the gradient reaching 
     dL/db_t = g_t,   dL/dlog_a_t = g_t * conj(a_t h_{t-1}),   dL/dh0 = conj(a_0) g_0
 (conjugates only for complex tensors: PyTorch's convention for complex gradients).
 
-Used by ``recur.ops.scan.diagonal_scan`` for CPU tensors when numba is installed (it is a
-dependency of the package); ``RECUR_COMPILED=0`` in the environment, or
+Also here: Mamba's selective scan (``selective_scan``) and the delta rule's batched unit
+lower-triangular solves (``unit_lower_solve``). Every ``exp`` is ``numba_math.fast_exp``, which
+LLVM vectorises (numba's own ``np.exp`` is a scalar libm call per element).
+
+Used by ``recur.ops.scan.diagonal_scan`` (and the primitives above) for CPU tensors when numba
+is installed (it is a dependency of the package); ``RECUR_COMPILED=0`` in the environment, or
 ``set_enabled(False)``, falls back to the PyTorch path. Both paths are tested against the
 reference loop in float64.
 """
@@ -480,7 +484,7 @@ class _UnitLowerSolve(torch.autograd.Function):
         dR = torch.empty_like(X)
         _set_threads()
         _upper_solve_transposed(L.numpy(), G.contiguous().numpy(), dR.numpy())
-        dL = -(dR @ X.transpose(-1, -2)).tril_(-1) if ctx.needs_input_grad[0] else None
+        dL = torch.bmm(dR, X.transpose(1, 2)).tril_(-1).neg_() if ctx.needs_input_grad[0] else None
         return dL, dR
 
 

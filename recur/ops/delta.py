@@ -213,7 +213,7 @@ class _StatePass(torch.autograd.Function):
             gUt_i = torch.baddbmm(gU[:, i], K[:, i], G)
             gUt[:, i] = gUt_i
             G = torch.baddbmm(torch.addcmul(gE[:, i], G, d[:, i, None, None]), W[:, i].transpose(1, 2), gUt_i, alpha=-1)
-        dW = -(gUt @ E.transpose(-1, -2)) if ctx.needs_input_grad[1] else None
+        dW = (gUt @ E.transpose(-1, -2)).neg_() if ctx.needs_input_grad[1] else None
         dd = (E * Gs).sum((-1, -2)) if ctx.needs_input_grad[2] else None
         dK = U @ Gs.transpose(-1, -2) if ctx.needs_input_grad[3] else None
         return gUt, dW, dd, dK, G

@@ -103,3 +103,24 @@ def test_decays_shared_along_trailing_dims_take_the_grouped_kernels(monkeypatch)
     with kernels(True):
         assert_same(run(diagonal_scan, args, mode="chunk"), run(diagonal_scan, args, mode="reference"))
     assert calls == ["_forward_grouped", "_backward_grouped"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_unit_lower_solve_equals_lapack_forward_and_backward(dtype):
+    """The delta rule's compiled forward substitution against torch.linalg.solve_triangular
+    (unit diagonal, strictly lower part of L used): solution and both gradients."""
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(3, 5, 17, 17, generator=g, dtype=dtype) * 0.3
+    R = torch.randn(3, 5, 17, 6, generator=g, dtype=dtype)
+    G = torch.randn(3, 5, 17, 6, generator=g, dtype=dtype)
+    eye = torch.eye(17, dtype=dtype)
+    leaves = [L.clone().requires_grad_(), R.clone().requires_grad_()]
+    want = torch.linalg.solve_triangular(eye + leaves[0].tril(-1), leaves[1], upper=False, unitriangular=True)
+    want_grads = torch.autograd.grad((want * G).sum(), leaves)
+    got_leaves = [L.clone().requires_grad_(), R.clone().requires_grad_()]
+    got = compiled.unit_lower_solve(*got_leaves)
+    got_grads = torch.autograd.grad((got * G).sum(), got_leaves)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, want, **tol)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **tol)

@@ -79,7 +79,7 @@ def test_single_step_chunk_equals_reference(decay, init):
 
 @pytest.mark.parametrize("decay", sorted(DECAYS))
 @pytest.mark.parametrize("T", [63, 64, 65, 130])
-def test_partial_last_chunk_equals_reference(decay, T):
+def test_partial_last_chunk_equals_reference(decay, T, kernel_path):
     assert_modes_agree(inputs(1, 2, T, 8, 8, decay=decay, seed=T), chunk_size=64)
 
 
@@ -242,7 +242,7 @@ def test_dplr_chunk_equals_reference_forward_and_gradients(B, H, T, Dk, Dv, chun
 
 @pytest.mark.parametrize("decay", sorted(W_DECAYS))
 @pytest.mark.parametrize("T", [1, 47, 64, 65, 130])
-def test_dplr_odd_lengths_and_partial_chunks_equal_reference(decay, T):
+def test_dplr_odd_lengths_and_partial_chunks_equal_reference(decay, T, kernel_path):
     """One step, a length padded to a multiple of 16 (47 -> 48), and lengths around the chunk size."""
     assert_dplr_modes_agree(dplr_inputs(1, 2, T, 8, 8, decay=decay, seed=T), chunk_size=64)
 

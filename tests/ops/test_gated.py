@@ -96,6 +96,17 @@ def test_fast_modes_equal_reference_forward_and_backward(before, with_bonus, B, 
 
 @pytest.mark.parametrize("before,with_bonus", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("T", [47, 130])
+def test_chunk_equals_reference_on_each_kernel_path(form, T, before, with_bonus, kernel_path):
+    """Several chunks (and a partial last one): the state passed between chunks runs through the
+    compiled scan on CPU and the PyTorch two-level scan elsewhere; both equal the reference."""
+    inputs = make_inputs(2, 2, T, 4, 3, form, "typical", True, seed=T)
+    options = dict(before=before, bonus=make_bonus(2, 4) if with_bonus else None)
+    assert_runs_close(run(inputs, "chunk", chunk_size=16, **options), run(inputs, "reference", **options), kernel_path)
+
+
+@pytest.mark.parametrize("before,with_bonus", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("with_state", [False, True])
 def test_single_step_equals_reference(form, with_state, before, with_bonus):
     inputs = make_inputs(2, 2, 1, 4, 3, form, "typical", with_state)
