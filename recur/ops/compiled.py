@@ -106,6 +106,14 @@ if numba is not None:
                 grad_h0[row, c0 + c] = np.conj(a_next[c]) * g[c]
 
 
+    @njit(cache=True)
+    def _work_item(job, n_blocks, block, groups, rep):  # pragma: no cover - compiled
+        """(row, first and last group, first and last channel) of a scan kernel's work item."""
+        row = job // n_blocks
+        g0 = (job % n_blocks) * block
+        g1 = min(groups, g0 + block)
+        return row, g0, g1, g0 * rep, g1 * rep
+
     # Grouped variants: log_a has one entry per group of ``rep`` consecutive channels (a decay
     # per key dimension shared by a row of a d_k x d_v matrix state), so it is neither expanded
     # in memory nor exponentiated once per channel.
@@ -115,10 +123,7 @@ if numba is not None:
         G = C // rep
         n_blocks = (G + block - 1) // block
         for job in prange(B * n_blocks):
-            row = job // n_blocks
-            g0 = (job % n_blocks) * block
-            g1 = min(G, g0 + block)
-            c0, c1 = g0 * rep, g1 * rep
+            row, g0, g1, c0, c1 = _work_item(job, n_blocks, block, G, rep)
             la_row = row if log_a.shape[0] > 1 else 0
             h = h0[row, c0:c1].copy()
             for t in range(T):
@@ -141,10 +146,7 @@ if numba is not None:
         G = C // rep
         n_blocks = (G + block - 1) // block
         for job in prange(B * n_blocks):
-            row = job // n_blocks
-            g0 = (job % n_blocks) * block
-            g1 = min(G, g0 + block)
-            c0, c1 = g0 * rep, g1 * rep
+            row, g0, g1, c0, c1 = _work_item(job, n_blocks, block, G, rep)
             la_row = row if log_a.shape[0] > 1 else 0
             g = np.zeros(c1 - c0, dtype=hs.dtype)
             a_next = np.zeros(g1 - g0, dtype=hs.dtype)  # a_{t+1} per group; zero beyond the end
