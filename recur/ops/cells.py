@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from recur.ops import compiled
+
 
 # ----------------------------------------------------------------------------- references
 def lstm_reference(u, w, h, c):
@@ -64,10 +66,17 @@ class _LSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, w, h0, c0):
         T, d = u.shape[0], h0.shape[-1]
-        gates = torch.empty_like(u)  # activated i, f, g, o
+        gates = u.new_empty(u.shape)  # activated i, f, g, o (contiguous)
         hs = u.new_empty((T + 1, *h0.shape))
         cs = u.new_empty((T + 1, *c0.shape))
         hs[0], cs[0] = h0, c0
+        if compiled.can_cells(u):  # CPU: the gate arithmetic of a step in one compiled call
+            g_np, c_np, h_np = _rows(gates), _rows(cs), _rows(hs)
+            for t in range(T):
+                torch.baddbmm(u[t], hs[t], w, out=gates[t])
+                compiled.lstm_step(g_np, c_np, h_np, t)
+            ctx.save_for_backward(w, gates, hs, cs)
+            return hs[1:], hs[T].clone(), cs[T].clone()
         for t in range(T):
             a = torch.baddbmm(u[t], hs[t], w, out=gates[t])
             a[..., : 2 * d].sigmoid_()
@@ -88,6 +97,15 @@ class _LSTM(torch.autograd.Function):
         dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
         dc = torch.zeros_like(cs[0]) if grad_c is None else grad_c.clone()
         wt = w.transpose(1, 2)
+        if compiled.can_cells(gates):
+            gy = torch.zeros_like(hs[:1]) if grad_ys is None else grad_ys.contiguous()
+            dc = dc.contiguous()
+            g_np, c_np, gy_np, dc_np, dg_np = _rows(gates), _rows(cs), _rows(gy), _rows(dc)[0], _rows(dgates)
+            for t in range(T - 1, -1, -1):
+                compiled.lstm_step_backward(g_np, c_np, gy_np, _rows(dh.contiguous())[0], dc_np, dg_np, t)
+                dh = torch.bmm(dgates[t], wt)
+            dw = _weight_grad(hs[:-1], dgates) if ctx.needs_input_grad[1] else None
+            return dgates, dw, dh, dc
         for t in range(T - 1, -1, -1):
             if grad_ys is not None:
                 dh += grad_ys[t]
@@ -103,6 +121,15 @@ class _LSTM(torch.autograd.Function):
             dh = torch.bmm(dgates[t], wt)
         dw = _weight_grad(hs[:-1], dgates) if ctx.needs_input_grad[1] else None
         return dgates, dw, dh, dc
+
+
+def _rows(x: torch.Tensor):
+    """x [time, streams, batch, n] (or [streams, batch, n]) as a numpy view [time, rows, n]
+    ([1, rows, n]) sharing x's memory: the compiled kernels write through it."""
+    if not x.is_contiguous():
+        raise RuntimeError(f"cells: expected a contiguous tensor, got shape {tuple(x.shape)} strides {x.stride()}")
+    lead = x.shape[0] if x.ndim == 4 else 1
+    return x.view(lead, -1, x.shape[-1]).numpy()
 
 
 def _weight_grad(h_prev: torch.Tensor, dv: torch.Tensor) -> torch.Tensor:
@@ -122,10 +149,19 @@ class _GRU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, w, b, h0):
         T, d = u.shape[0], h0.shape[-1]
-        gates = torch.empty_like(u)  # activated r, z, n
+        gates = u.new_empty(u.shape)  # activated r, z, n (contiguous)
         vn = u.new_empty((T, *h0.shape))  # h_{t-1} W_hn^T + b_hn, which r scales
         hs = u.new_empty((T + 1, *h0.shape))
         hs[0] = h0
+        if compiled.can_cells(u):  # CPU: the gate arithmetic of a step in one compiled call
+            u = u.detach().contiguous()
+            v = torch.empty_like(u[0])
+            u_np, v_np, g_np, vn_np, h_np = _rows(u), _rows(v)[0], _rows(gates), _rows(vn), _rows(hs)
+            for t in range(T):
+                torch.baddbmm(b, hs[t], w, out=v)
+                compiled.gru_step(u_np, v_np, g_np, vn_np, h_np, t)
+            ctx.save_for_backward(w, gates, vn, hs)
+            return hs[1:], hs[T].clone()
         for t in range(T):
             v = torch.baddbmm(b, hs[t], w)
             a = gates[t]
@@ -146,6 +182,17 @@ class _GRU(torch.autograd.Function):
         dv = torch.empty_like(gates)
         dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
         wt = w.transpose(1, 2)
+        if compiled.can_cells(gates):
+            gy = torch.zeros_like(hs[:1]) if grad_ys is None else grad_ys.contiguous()
+            dhz = torch.empty_like(hs[0])
+            arrays = (_rows(gates), _rows(vn), _rows(hs), _rows(gy))
+            du_np, dv_np, dhz_np = _rows(du), _rows(dv), _rows(dhz)[0]
+            for t in range(T - 1, -1, -1):
+                compiled.gru_step_backward(*arrays, _rows(dh.contiguous())[0], du_np, dv_np, dhz_np, t)
+                dh = torch.baddbmm(dhz, dv[t], wt)
+            dw = _weight_grad(hs[:-1], dv) if ctx.needs_input_grad[1] else None
+            db = dv.sum(dim=(0, 2)).unsqueeze(1) if ctx.needs_input_grad[2] else None
+            return du, dw, db, dh
         for t in range(T - 1, -1, -1):
             if grad_ys is not None:
                 dh += grad_ys[t]

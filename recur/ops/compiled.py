@@ -32,7 +32,7 @@ try:  # numba is a declared dependency; the PyTorch path remains the device-agno
     import numba
     from numba import njit, prange
 
-    from recur.ops.numba_math import fast_exp
+    from recur.ops.numba_math import fast_exp, fast_sigmoid, fast_tanh
 except ImportError:  # pragma: no cover - exercised only on installs without numba
     numba = None
 
@@ -496,3 +496,100 @@ def unit_lower_solve(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     L3 = L.expand(*batch, *L.shape[-2:]).reshape(-1, *L.shape[-2:]).contiguous()
     X = _UnitLowerSolve.apply(L3, R.reshape(-1, *R.shape[-2:]).contiguous())
     return X.reshape(R.shape)
+
+
+# -------------------------------------------------------------------------- LSTM / GRU gates
+# The elementwise part of one LSTM or GRU step (recur.ops.cells), forward and backward, on
+# [rows, gates * d] slices (rows = streams x batch): one call in place of 8-14 PyTorch ops,
+# each of which costs more in dispatch than the arithmetic at these sizes. The recurrent
+# matmul stays a torch (MKL) batched matmul. Single-threaded: a step is ~16k elements.
+def can_cells(t: torch.Tensor) -> bool:
+    return enabled() and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
+if numba is not None:
+
+    # Each kernel takes whole [time, rows, .] arrays and the step t: indexing in Python (and
+    # converting a slice per argument) cost more per step than the arithmetic.
+    @njit(cache=True, error_model="numpy", fastmath={"contract"})
+    def lstm_step(gates, cs, hs, t):  # pragma: no cover - compiled
+        # gates[t]: pre-activations (i, f, g, o), activated in place; writes cs[t + 1], hs[t + 1]
+        a_t, c_prev, c_new, h_new = gates[t], cs[t], cs[t + 1], hs[t + 1]
+        R, G = a_t.shape
+        d = G // 4
+        for r in range(R):
+            ar, cp, cn, hn = a_t[r], c_prev[r], c_new[r], h_new[r]
+            for j in range(2 * d):
+                ar[j] = fast_sigmoid(ar[j])
+            for j in range(2 * d, 3 * d):
+                ar[j] = fast_tanh(ar[j])
+            for j in range(3 * d, 4 * d):
+                ar[j] = fast_sigmoid(ar[j])
+            for j in range(d):
+                cn[j] = ar[d + j] * cp[j] + ar[j] * ar[2 * d + j]
+            for j in range(d):
+                hn[j] = ar[3 * d + j] * fast_tanh(cn[j])
+
+    @njit(cache=True, error_model="numpy", fastmath={"contract"})
+    def lstm_step_backward(gates, cs, gy, dh, dc, dgates, t):  # pragma: no cover - compiled
+        # dh [rows, d]: gradient reaching h_t from step t+1, gy[t] (or gy[0], zeros) from the
+        # output; dc in/out: the gradient reaching c_t, then c_{t-1}; writes dgates[t]
+        a_t, c_prev, c_new, g_t, dg_t = gates[t], cs[t], cs[t + 1], gy[min(t, gy.shape[0] - 1)], dgates[t]
+        R, G = a_t.shape
+        d = G // 4
+        one = np.ones(1, dtype=gates.dtype)[0]
+        for r in range(R):
+            ar, cp, cn, g_out, dhr, dcr, dgr = a_t[r], c_prev[r], c_new[r], g_t[r], dh[r], dc[r], dg_t[r]
+            for j in range(d):
+                i, f, g, o = ar[j], ar[d + j], ar[2 * d + j], ar[3 * d + j]
+                dh_j = dhr[j] + g_out[j]
+                tc = fast_tanh(cn[j])
+                dc_j = dcr[j] + dh_j * o * (one - tc * tc)
+                dgr[j] = dc_j * g * i * (one - i)
+                dgr[d + j] = dc_j * cp[j] * f * (one - f)
+                dgr[2 * d + j] = dc_j * i * (one - g * g)
+                dgr[3 * d + j] = dh_j * tc * o * (one - o)
+                dcr[j] = dc_j * f
+
+    @njit(cache=True, error_model="numpy", fastmath={"contract"})
+    def gru_step(u, v, gates, vn, hs, t):  # pragma: no cover - compiled
+        # u[t] = W_ih x_t + b_ih, v = W_hh h_{t-1} + b_hh [rows, 3d]; writes gates[t] (r, z, n
+        # activated), vn[t] (v's n part, which r scales) and hs[t + 1]
+        u_t, h_prev, a_t, vn_t, h_new = u[t], hs[t], gates[t], vn[t], hs[t + 1]
+        R, G = u_t.shape
+        d = G // 3
+        for r in range(R):
+            ur, vr, hp, ar, vnr, hn = u_t[r], v[r], h_prev[r], a_t[r], vn_t[r], h_new[r]
+            for j in range(2 * d):
+                ar[j] = fast_sigmoid(ur[j] + vr[j])
+            for j in range(d):
+                vnr[j] = vr[2 * d + j]
+            for j in range(d):
+                ar[2 * d + j] = fast_tanh(ur[2 * d + j] + ar[j] * vnr[j])
+            for j in range(d):
+                n = ar[2 * d + j]
+                hn[j] = n + ar[d + j] * (hp[j] - n)
+
+    @njit(cache=True, error_model="numpy", fastmath={"contract"})
+    def gru_step_backward(gates, vn, hs, gy, dh, du, dv, dhz, t):  # pragma: no cover - compiled
+        # writes du[t] = d(pre-activations of u), dv[t] = d(v) and dhz = (dh + gy[t]) z, the
+        # direct path to h_{t-1}
+        a_t, vn_t, h_prev, g_t, du_t, dv_t = gates[t], vn[t], hs[t], gy[min(t, gy.shape[0] - 1)], du[t], dv[t]
+        R, G = a_t.shape
+        d = G // 3
+        one = np.ones(1, dtype=gates.dtype)[0]
+        for r in range(R):
+            ar, vnr, hp, g_out, dhr, dur, dvr, dhzr = a_t[r], vn_t[r], h_prev[r], g_t[r], dh[r], du_t[r], dv_t[r], dhz[r]
+            for j in range(d):
+                rr, z, n = ar[j], ar[d + j], ar[2 * d + j]
+                dh_j = dhr[j] + g_out[j]
+                dn = dh_j * (one - z) * (one - n * n)
+                dz = dh_j * (hp[j] - n) * z * (one - z)
+                dr = dn * vnr[j] * rr * (one - rr)
+                dur[j] = dr
+                dur[d + j] = dz
+                dur[2 * d + j] = dn
+                dvr[j] = dr
+                dvr[d + j] = dz
+                dvr[2 * d + j] = dn * rr
+                dhzr[j] = dh_j * z

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from recur.ops.numba_math import fast_exp
+from recur.ops.numba_math import fast_exp, fast_sigmoid, fast_tanh
 
 
 @njit(cache=False)
@@ -79,3 +79,27 @@ def test_complex_falls_back_to_numpy():
 
 def test_plain_python_is_numpy():
     assert fast_exp(np.float32(1.5)) == np.exp(np.float32(1.5))
+
+
+@njit(cache=False, error_model="numpy")
+def _gates(x, sig, tanh):
+    for i in range(x.size):
+        sig[i] = fast_sigmoid(x[i])
+        tanh[i] = fast_tanh(x[i])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_and_tanh_match_numpy(dtype):
+    x = np.concatenate([np.linspace(-60, 60, 100_001), [0.0, 1e-30, -1e-30, 200.0, -200.0, np.inf, -np.inf]]).astype(dtype)
+    sig, tanh = np.empty_like(x), np.empty_like(x)
+    _gates(x, sig, tanh)
+    x64 = x.astype(np.float64)
+    eps = float(np.finfo(dtype).eps)
+    with np.errstate(over="ignore"):
+        want_sig = (1 / (1 + np.exp(-x64))).astype(dtype).astype(np.float64)  # rounded to the dtype
+    np.testing.assert_allclose(sig, want_sig, rtol=3 * eps, atol=float(np.finfo(dtype).tiny))
+    np.testing.assert_allclose(tanh, np.tanh(x64), rtol=4 * eps, atol=2 * eps)  # absolute near 0
+    assert sig[-2] == 1.0 and sig[-1] == 0.0 and tanh[-2] == 1.0 and tanh[-1] == -1.0
+    nan = np.array([np.nan], dtype=dtype)
+    _gates(nan, sig[:1], tanh[:1])
+    assert np.isnan(sig[0]) and np.isnan(tanh[0])
