@@ -66,6 +66,13 @@ def test_measure_warms_slow_functions_up_once_and_stays_in_budget(monkeypatch):
     assert clock.calls == 3  # one warm-up, two timed
 
 
+def test_measure_times_quick_functions_at_least_quick_repeats_times(monkeypatch):
+    clock = FakeClock([0.1] * 2 + [0.1] * speed.QUICK_REPEATS)  # 0.1 s: under 1% of the budget
+    monkeypatch.setattr(speed.time, "perf_counter", clock.perf_counter)
+    assert speed.measure(clock.run, repeats=3, budget_s=100.0) == pytest.approx(0.1)
+    assert clock.calls == 2 + speed.QUICK_REPEATS
+
+
 def test_peer_loader_reports_absence(monkeypatch):
     peers._fla_root.cache_clear()
     peers._load.cache_clear()

@@ -222,7 +222,7 @@ if numba is not None:
             acc = np.empty(nd, dtype=u.dtype)
             dtu = np.empty(nd, dtype=u.dtype)
             for t in range(T):
-                if t % CHECKPOINT == 0:
+                if t % CHECKPOINT == 0 and ckpt.shape[1] > 0:  # no checkpoints when no gradient is needed
                     ckpt[b, t // CHECKPOINT, :, d0:d1] = h
                 dtt, ut = dt[b, t, d0:d1], u[b, t, d0:d1]
                 for i in range(nd):
@@ -324,7 +324,8 @@ class _SelectiveScan(torch.autograd.Function):
         N = A.shape[1]
         At = A.t().contiguous()
         y = torch.empty_like(u)
-        ckpt = torch.empty(Bsz, (T + CHECKPOINT - 1) // CHECKPOINT, N, D, dtype=u.dtype)
+        n_ckpt = (T + CHECKPOINT - 1) // CHECKPOINT if any(ctx.needs_input_grad) else 0
+        ckpt = torch.empty(Bsz, n_ckpt, N, D, dtype=u.dtype)
         h_last = torch.empty(Bsz, N, D, dtype=u.dtype)
         _set_threads()
         block = _block(Bsz, D, SEL_BLOCK)
