@@ -70,21 +70,20 @@ class _LSTM(torch.autograd.Function):
         hs = u.new_empty((T + 1, *h0.shape))
         cs = u.new_empty((T + 1, *c0.shape))
         hs[0], cs[0] = h0, c0
-        if compiled.can_cells(u):  # CPU: the gate arithmetic of a step in one compiled call
+        fused = compiled.can_cells(u)  # CPU: the gate arithmetic of a step in one compiled call
+        if fused:
             g_np, c_np, h_np = _rows(gates), _rows(cs), _rows(hs)
-            for t in range(T):
-                torch.baddbmm(u[t], hs[t], w, out=gates[t])
-                compiled.lstm_step(g_np, c_np, h_np, t)
-            ctx.save_for_backward(w, gates, hs, cs)
-            return hs[1:], hs[T].clone(), cs[T].clone()
         for t in range(T):
             a = torch.baddbmm(u[t], hs[t], w, out=gates[t])
-            a[..., : 2 * d].sigmoid_()
-            a[..., 2 * d : 3 * d].tanh_()
-            a[..., 3 * d :].sigmoid_()
-            i, f, g, o = a.unflatten(-1, (4, d)).unbind(-2)
-            torch.addcmul(f * cs[t], i, g, out=cs[t + 1])
-            torch.mul(o, torch.tanh(cs[t + 1]), out=hs[t + 1])
+            if fused:
+                compiled.lstm_step(g_np, c_np, h_np, t)
+            else:
+                a[..., : 2 * d].sigmoid_()
+                a[..., 2 * d : 3 * d].tanh_()
+                a[..., 3 * d :].sigmoid_()
+                i, f, g, o = a.unflatten(-1, (4, d)).unbind(-2)
+                torch.addcmul(f * cs[t], i, g, out=cs[t + 1])
+                torch.mul(o, torch.tanh(cs[t + 1]), out=hs[t + 1])
         ctx.save_for_backward(w, gates, hs, cs)
         return hs[1:], hs[T].clone(), cs[T].clone()
 
@@ -97,27 +96,26 @@ class _LSTM(torch.autograd.Function):
         dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
         dc = torch.zeros_like(cs[0]) if grad_c is None else grad_c.clone()
         wt = w.transpose(1, 2)
-        if compiled.can_cells(gates):
+        fused = compiled.can_cells(gates)
+        if fused:  # dc is updated in place through dc_np; dh is bmm's (contiguous) output
             gy = torch.zeros_like(hs[:1]) if grad_ys is None else grad_ys.contiguous()
-            dc = dc.contiguous()
+            dh, dc = dh.contiguous(), dc.contiguous()
             g_np, c_np, gy_np, dc_np, dg_np = _rows(gates), _rows(cs), _rows(gy), _rows(dc)[0], _rows(dgates)
-            for t in range(T - 1, -1, -1):
-                compiled.lstm_step_backward(g_np, c_np, gy_np, _rows(dh.contiguous())[0], dc_np, dg_np, t)
-                dh = torch.bmm(dgates[t], wt)
-            dw = _weight_grad(hs[:-1], dgates) if ctx.needs_input_grad[1] else None
-            return dgates, dw, dh, dc
         for t in range(T - 1, -1, -1):
-            if grad_ys is not None:
-                dh += grad_ys[t]
-            i, f, g, o = gates[t].unflatten(-1, (4, d)).unbind(-2)
-            tc = torch.tanh(cs[t + 1])
-            dc += dh * o * (1 - tc * tc)
-            di, df, dg, do = dgates[t].unflatten(-1, (4, d)).unbind(-2)
-            torch.mul(dc * g, i * (1 - i), out=di)
-            torch.mul(dc * cs[t], f * (1 - f), out=df)
-            torch.mul(dc * i, 1 - g * g, out=dg)
-            torch.mul(dh * tc, o * (1 - o), out=do)
-            dc = dc * f
+            if fused:
+                compiled.lstm_step_backward(g_np, c_np, gy_np, _rows(dh)[0], dc_np, dg_np, t)
+            else:
+                if grad_ys is not None:
+                    dh += grad_ys[t]
+                i, f, g, o = gates[t].unflatten(-1, (4, d)).unbind(-2)
+                tc = torch.tanh(cs[t + 1])
+                dc += dh * o * (1 - tc * tc)
+                di, df, dg, do = dgates[t].unflatten(-1, (4, d)).unbind(-2)
+                torch.mul(dc * g, i * (1 - i), out=di)
+                torch.mul(dc * cs[t], f * (1 - f), out=df)
+                torch.mul(dc * i, 1 - g * g, out=dg)
+                torch.mul(dh * tc, o * (1 - o), out=do)
+                dc = dc * f
             dh = torch.bmm(dgates[t], wt)
         dw = _weight_grad(hs[:-1], dgates) if ctx.needs_input_grad[1] else None
         return dgates, dw, dh, dc
@@ -153,23 +151,22 @@ class _GRU(torch.autograd.Function):
         vn = u.new_empty((T, *h0.shape))  # h_{t-1} W_hn^T + b_hn, which r scales
         hs = u.new_empty((T + 1, *h0.shape))
         hs[0] = h0
-        if compiled.can_cells(u):  # CPU: the gate arithmetic of a step in one compiled call
+        v = u.new_empty(u.shape[1:])  # h_{t-1} W_hh^T + b_hh of the current step
+        fused = compiled.can_cells(u)  # CPU: the gate arithmetic of a step in one compiled call
+        if fused:
             u = u.detach().contiguous()
-            v = torch.empty_like(u[0])
             u_np, v_np, g_np, vn_np, h_np = _rows(u), _rows(v)[0], _rows(gates), _rows(vn), _rows(hs)
-            for t in range(T):
-                torch.baddbmm(b, hs[t], w, out=v)
-                compiled.gru_step(u_np, v_np, g_np, vn_np, h_np, t)
-            ctx.save_for_backward(w, gates, vn, hs)
-            return hs[1:], hs[T].clone()
         for t in range(T):
-            v = torch.baddbmm(b, hs[t], w)
-            a = gates[t]
-            torch.add(u[t, ..., : 2 * d], v[..., : 2 * d], out=a[..., : 2 * d]).sigmoid_()
-            vn[t] = v[..., 2 * d :]
-            r, z, n = a.unflatten(-1, (3, d)).unbind(-2)
-            torch.addcmul(u[t, ..., 2 * d :], r, vn[t], out=n).tanh_()
-            torch.lerp(n, hs[t], z, out=hs[t + 1])
+            torch.baddbmm(b, hs[t], w, out=v)
+            if fused:
+                compiled.gru_step(u_np, v_np, g_np, vn_np, h_np, t)
+            else:
+                a = gates[t]
+                torch.add(u[t, ..., : 2 * d], v[..., : 2 * d], out=a[..., : 2 * d]).sigmoid_()
+                vn[t] = v[..., 2 * d :]
+                r, z, n = a.unflatten(-1, (3, d)).unbind(-2)
+                torch.addcmul(u[t, ..., 2 * d :], r, vn[t], out=n).tanh_()
+                torch.lerp(n, hs[t], z, out=hs[t + 1])
         ctx.save_for_backward(w, gates, vn, hs)
         return hs[1:], hs[T].clone()
 
@@ -182,28 +179,27 @@ class _GRU(torch.autograd.Function):
         dv = torch.empty_like(gates)
         dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
         wt = w.transpose(1, 2)
-        if compiled.can_cells(gates):
+        fused = compiled.can_cells(gates)
+        if fused:  # dh is baddbmm's (contiguous) output after the first step
             gy = torch.zeros_like(hs[:1]) if grad_ys is None else grad_ys.contiguous()
-            dhz = torch.empty_like(hs[0])
+            dh, dhz = dh.contiguous(), torch.empty_like(hs[0])
             arrays = (_rows(gates), _rows(vn), _rows(hs), _rows(gy))
             du_np, dv_np, dhz_np = _rows(du), _rows(dv), _rows(dhz)[0]
-            for t in range(T - 1, -1, -1):
-                compiled.gru_step_backward(*arrays, _rows(dh.contiguous())[0], du_np, dv_np, dhz_np, t)
-                dh = torch.baddbmm(dhz, dv[t], wt)
-            dw = _weight_grad(hs[:-1], dv) if ctx.needs_input_grad[1] else None
-            db = dv.sum(dim=(0, 2)).unsqueeze(1) if ctx.needs_input_grad[2] else None
-            return du, dw, db, dh
         for t in range(T - 1, -1, -1):
-            if grad_ys is not None:
-                dh += grad_ys[t]
-            r, z, n = gates[t].unflatten(-1, (3, d)).unbind(-2)
-            dr, dz, dn = du[t].unflatten(-1, (3, d)).unbind(-2)
-            torch.mul(dh * (1 - z), 1 - n * n, out=dn)
-            torch.mul(dh * (hs[t] - n), z * (1 - z), out=dz)
-            torch.mul(dn * vn[t], r * (1 - r), out=dr)
-            dv[t, ..., : 2 * d] = du[t, ..., : 2 * d]
-            torch.mul(dn, r, out=dv[t, ..., 2 * d :])
-            dh = torch.baddbmm(dh * z, dv[t], wt)
+            if fused:  # writes du[t], dv[t] and dhz = (dh + grad_ys[t]) z
+                compiled.gru_step_backward(*arrays, _rows(dh)[0], du_np, dv_np, dhz_np, t)
+            else:
+                if grad_ys is not None:
+                    dh += grad_ys[t]
+                r, z, n = gates[t].unflatten(-1, (3, d)).unbind(-2)
+                dr, dz, dn = du[t].unflatten(-1, (3, d)).unbind(-2)
+                torch.mul(dh * (1 - z), 1 - n * n, out=dn)
+                torch.mul(dh * (hs[t] - n), z * (1 - z), out=dz)
+                torch.mul(dn * vn[t], r * (1 - r), out=dr)
+                dv[t, ..., : 2 * d] = du[t, ..., : 2 * d]
+                torch.mul(dn, r, out=dv[t, ..., 2 * d :])
+                dhz = dh * z
+            dh = torch.baddbmm(dhz, dv[t], wt)
         dw = _weight_grad(hs[:-1], dv) if ctx.needs_input_grad[1] else None
         db = dv.sum(dim=(0, 2)).unsqueeze(1) if ctx.needs_input_grad[2] else None
         return du, dw, db, dh

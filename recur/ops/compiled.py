@@ -59,14 +59,21 @@ def can_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> bool:
 
 if numba is not None:
 
+    @njit(cache=True)
+    def _work_item(job, n_blocks, block, groups, rep):  # pragma: no cover - compiled
+        """(row, first and last group, first and last channel) of work item ``job`` when each
+        row's ``groups`` groups of ``rep`` channels are cut into runs of ``block`` groups."""
+        row = job // n_blocks
+        g0 = (job % n_blocks) * block
+        g1 = min(groups, g0 + block)
+        return row, g0, g1, g0 * rep, g1 * rep
+
     @njit(parallel=True, cache=True)
     def _forward(log_a, b, h0, out, block):  # pragma: no cover - compiled
         B, T, C = b.shape
         n_blocks = (C + block - 1) // block
         for job in prange(B * n_blocks):
-            row = job // n_blocks
-            c0 = (job % n_blocks) * block
-            c1 = min(C, c0 + block)
+            row, _, _, c0, c1 = _work_item(job, n_blocks, block, C, 1)
             la_row = row if log_a.shape[0] > 1 else 0
             h = h0[row, c0:c1].copy()
             for t in range(T):
@@ -84,9 +91,7 @@ if numba is not None:
         B, T, C = hs.shape
         n_blocks = (C + block - 1) // block
         for job in prange(B * n_blocks):
-            row = job // n_blocks
-            c0 = (job % n_blocks) * block
-            c1 = min(C, c0 + block)
+            row, _, _, c0, c1 = _work_item(job, n_blocks, block, C, 1)
             n = c1 - c0
             la_row = row if log_a.shape[0] > 1 else 0
             g = np.zeros(n, dtype=hs.dtype)
@@ -104,15 +109,6 @@ if numba is not None:
                     a_next[c] = a_t
             for c in range(n):
                 grad_h0[row, c0 + c] = np.conj(a_next[c]) * g[c]
-
-
-    @njit(cache=True)
-    def _work_item(job, n_blocks, block, groups, rep):  # pragma: no cover - compiled
-        """(row, first and last group, first and last channel) of a scan kernel's work item."""
-        row = job // n_blocks
-        g0 = (job % n_blocks) * block
-        g1 = min(groups, g0 + block)
-        return row, g0, g1, g0 * rep, g1 * rep
 
     # Grouped variants: log_a has one entry per group of ``rep`` consecutive channels (a decay
     # per key dimension shared by a row of a d_k x d_v matrix state), so it is neither expanded
@@ -214,9 +210,7 @@ if numba is not None:
         N = At.shape[0]
         n_blocks = (D + block - 1) // block
         for job in prange(Bsz * n_blocks):
-            b = job // n_blocks
-            d0 = (job % n_blocks) * block
-            d1 = min(D, d0 + block)
+            b, d0, d1, _, _ = _work_item(job, n_blocks, block, D, 1)
             nd = d1 - d0
             h = h0[b, :, d0:d1].copy()
             acc = np.empty(nd, dtype=u.dtype)
@@ -250,10 +244,8 @@ if numba is not None:
         n_blocks = (D + block - 1) // block
         n_ckpt = (T + CHECKPOINT - 1) // CHECKPOINT
         for job in prange(Bsz * n_blocks):
-            b = job // n_blocks
+            b, d0, d1, _, _ = _work_item(job, n_blocks, block, D, 1)
             blk = job % n_blocks
-            d0 = blk * block
-            d1 = min(D, d0 + block)
             nd = d1 - d0
             g = gh_last[b, :, d0:d1].copy()  # adjoint of the state after the current step
             a_next = np.ones((N, nd), dtype=u.dtype)  # a_{t+1}; 1 at the end so the last step adds gh_last

@@ -125,7 +125,7 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
     u_i = beta_i (v_i - alpha_i S_{i-1}^T k_i). Unrolling alpha_i S_{i-1} gives the unit lower
     triangular system (I + A) U = diag(beta) (V - diag(e^g) K S), A_ij = beta_i e^{g_i - g_j} k_i.k_j
     for j < i. With T = (I + A)^{-1} diag(beta) (the UT transform), W = T diag(e^g) K, U0 = T V
-    (one triangular solve with both right-hand sides; T itself is never formed):
+    (solved for directly, ``_unit_lower_solve_pair``; T itself is never formed):
         U        = U0 - W S
         O        = diag(e^g) Q S + (Q K^T * D) U,          D_ij = e^{g_i - g_j} for j <= i
         S_next   = e^{g_last} S + (diag(e^{g_last - g}) K)^T U
@@ -190,7 +190,7 @@ class _StatePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, U0, W, d, K, S0):
-        M, N, C, Dv = U0.shape
+        M, N, _, Dv = U0.shape
         E = U0.new_empty(M, N, S0.shape[1], Dv)
         U = torch.empty_like(U0)
         S = S0
@@ -206,7 +206,7 @@ class _StatePass(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, gE, gU, gS):
         W, d, K, E, U = ctx.saved_tensors
-        M, N, C, Dv = U.shape
+        N = U.shape[1]
         gE = torch.zeros_like(E) if gE is None else gE
         gU = torch.zeros_like(U) if gU is None else gU
         G = torch.zeros_like(E[:, 0]) if gS is None else gS.contiguous()

@@ -4,14 +4,12 @@ receive a gradient."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recur.ops import compiled
+from kernel_paths import kernels
 from recur.ops.cells import gru_reference, gru_sequence, lstm_reference, lstm_sequence
 
 F64 = torch.float64
@@ -37,15 +35,21 @@ def grads_of(outputs, wrt, g, use):
     return torch.autograd.grad(total, wrt, allow_unused=True)
 
 
-@contextmanager
-def kernels(path: str):
-    """The compiled gate kernels on (the CPU default) or off (the PyTorch path CUDA runs)."""
-    before = compiled.enabled()
-    compiled.set_enabled(path == "compiled")
-    try:
-        yield
-    finally:
-        compiled.set_enabled(before)
+def assert_fused_is_reference(fused, reference, args, out_names, grad_names, g, use, path):
+    """Outputs, and gradients of a random weighting of the outputs marked in ``use``, of the
+    fused loop (run on ``path``) equal the autograd loop's."""
+    ref = reference(*args)
+    with kernels(path == "compiled"):
+        out = fused(*args)
+    for a, r, what in zip(out, ref, out_names):
+        close(a, r, what)
+    state = g.get_state()
+    want = grads_of(ref, args, g, use)
+    g.set_state(state)
+    with kernels(path == "compiled"):
+        got = grads_of(out, args, g, use)
+    for a, r, what in zip(got, want, grad_names):
+        close(a, r, what)
 
 
 @pytest.mark.parametrize("path", ["compiled", "torch"])
@@ -54,18 +58,8 @@ def kernels(path: str):
        use=st.sampled_from([(1, 1, 1), (1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1)]))
 def test_fused_lstm_equals_the_autograd_loop(path, T, S, B, d, seed, use):
     g, u, w, _, h0, c0 = inputs(T, S, B, d, 4, seed, scale=2.0)
-    ref = lstm_reference(u, w, h0, c0)
-    with kernels(path):
-        out = lstm_sequence(u, w, h0, c0)
-    for a, r, what in zip(out, ref, ("outputs", "h_T", "c_T")):
-        close(a, r, what)
-    state = g.get_state()
-    want = grads_of(ref, (u, w, h0, c0), g, use)
-    g.set_state(state)
-    with kernels(path):
-        got = grads_of(out, (u, w, h0, c0), g, use)
-    for a, r, what in zip(got, want, ("du", "dW_hh", "dh0", "dc0")):
-        close(a, r, what)
+    assert_fused_is_reference(lstm_sequence, lstm_reference, (u, w, h0, c0), ("outputs", "h_T", "c_T"),
+                              ("du", "dW_hh", "dh0", "dc0"), g, use, path)
 
 
 @pytest.mark.parametrize("path", ["compiled", "torch"])
@@ -74,18 +68,8 @@ def test_fused_lstm_equals_the_autograd_loop(path, T, S, B, d, seed, use):
        use=st.sampled_from([(1, 1), (1, 0), (0, 1)]))
 def test_fused_gru_equals_the_autograd_loop(path, T, S, B, d, seed, use):
     g, u, w, b, h0, _ = inputs(T, S, B, d, 3, seed, scale=2.0)
-    ref = gru_reference(u, w, b, h0)
-    with kernels(path):
-        out = gru_sequence(u, w, b, h0)
-    for a, r, what in zip(out, ref, ("outputs", "h_T")):
-        close(a, r, what)
-    state = g.get_state()
-    want = grads_of(ref, (u, w, b, h0), g, use)
-    g.set_state(state)
-    with kernels(path):
-        got = grads_of(out, (u, w, b, h0), g, use)
-    for a, r, what in zip(got, want, ("du", "dW_hh", "db_hh", "dh0")):
-        close(a, r, what)
+    assert_fused_is_reference(gru_sequence, gru_reference, (u, w, b, h0), ("outputs", "h_T"),
+                              ("du", "dW_hh", "db_hh", "dh0"), g, use, path)
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])

@@ -8,33 +8,20 @@ tolerances of tests/ops/test_scan.py.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernel_paths import kernels
 from recur.ops import compiled
 from recur.ops.scan import diagonal_scan
 from test_scan import DECAYS, FORMS, assert_same, make_inputs, run
 
 
-
 def test_numba_is_installed():
     """numba is a dependency: without it these tests would only exercise the PyTorch path."""
     assert compiled.numba is not None
-
-
-@contextmanager
-def kernels(on: bool):
-    """The compiled kernels on or off inside the block, restored after."""
-    before = compiled.enabled()
-    compiled.set_enabled(on)
-    try:
-        yield
-    finally:
-        compiled.set_enabled(before)
 
 
 @pytest.mark.parametrize("path", ["compiled", "torch"])

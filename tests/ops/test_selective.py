@@ -4,27 +4,15 @@ tests/ops/test_scan.py, and state carry across calls is exact."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recur.ops import compiled
+from kernel_paths import kernels
 from recur.ops.selective import selective_scan
 
 RTOL, ATOL = 1e-8, 1e-10
-
-
-@contextmanager
-def kernels(on: bool):
-    before = compiled.enabled()
-    compiled.set_enabled(on)
-    try:
-        yield
-    finally:
-        compiled.set_enabled(before)
 
 
 def inputs(B, T, D, N, seed, init=True, dtype=torch.float64):
