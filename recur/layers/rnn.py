@@ -139,11 +139,13 @@ class _TorchLayoutCell(Mixer):
         inp, finals = x, {k: [] for k in self.state_keys}
         for layer in range(self.num_layers):
             k = slice(layer * dirs, (layer + 1) * dirs)
-            # Input projections of every step and direction in one batched matmul; the backward
-            # direction reads x reversed in time.
+            # Input projections of every step and direction in one batched matmul, bias included,
+            # written time-major so that the loop's layout is a view of it (for one direction and
+            # head; a copy otherwise). The backward direction reads x reversed in time.
             xs = inp[None] if dirs == 1 else torch.stack([inp, inp.flip(1)])  # [dirs, batch, time, d_model]
-            u = torch.matmul(xs, self.weight_ih[k].transpose(1, 2)[:, None]) + self._input_bias(k)[:, None, None]
-            u = rearrange(u, "r b t (g h d) -> t (r h) b (g d)", g=G, h=heads)
+            xs = rearrange(xs, "r b t e -> r (t b) e")
+            u = torch.baddbmm(self._input_bias(k)[:, None], xs, self.weight_ih[k].transpose(1, 2))
+            u = rearrange(u, "r (t b) (g h d) -> t (r h) b (g d)", b=x.shape[0], g=G, h=heads)
             w_hh = rearrange(self.weight_hh[k], "r h e d -> (r h) d e")  # blocks, transposed: h @ w_hh
             b_hh = rearrange(self.bias_hh[k], "r (g h d) -> (r h) 1 (g d)", g=G, h=heads)
             s0 = [rearrange(state[key][:, k], f"b r (h d) -> {streams}", h=heads) for key in self.state_keys]

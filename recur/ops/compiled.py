@@ -495,7 +495,13 @@ def unit_lower_solve(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 # The elementwise part of one LSTM or GRU step (recur.ops.cells), forward and backward, on
 # [rows, gates * d] slices (rows = streams x batch): one call in place of 8-14 PyTorch ops,
 # each of which costs more in dispatch than the arithmetic at these sizes. The recurrent
-# matmul stays a torch (MKL) batched matmul. Single-threaded: a step is ~16k elements.
+# matmul stays in torch (oneDNN / MKL). Single-threaded: a step is ~16k elements.
+#
+# Written for LLVM's vectoriser (measured at B=16, d=256: 12 us a step instead of 32): every
+# inner loop runs j over range(n) from 0, with gate offsets in the index (a loop over
+# range(2d, 3d) stayed scalar), and stores into one array; a loop that reads one gate of a row
+# and writes another gate of the same row is not vectorised, so such values go through
+# another array first.
 def can_cells(t: torch.Tensor) -> bool:
     return enabled() and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
@@ -505,19 +511,20 @@ if numba is not None:
     # Each kernel takes whole [time, rows, .] arrays and the step t: indexing in Python (and
     # converting a slice per argument) cost more per step than the arithmetic.
     @njit(cache=True, error_model="numpy", fastmath={"contract"})
-    def lstm_step(gates, cs, hs, t):  # pragma: no cover - compiled
-        # gates[t]: pre-activations (i, f, g, o), activated in place; writes cs[t + 1], hs[t + 1]
-        a_t, c_prev, c_new, h_new = gates[t], cs[t], cs[t + 1], hs[t + 1]
+    def lstm_step(u, v, gates, cs, hs, t):  # pragma: no cover - compiled
+        # pre-activations u[t] + v (v = h_{t-1} W_hh^T); writes gates[t] (i, f, g, o
+        # activated), cs[t + 1], hs[t + 1]
+        u_t, a_t, c_prev, c_new, h_new = u[t], gates[t], cs[t], cs[t + 1], hs[t + 1]
         R, G = a_t.shape
         d = G // 4
         for r in range(R):
-            ar, cp, cn, hn = a_t[r], c_prev[r], c_new[r], h_new[r]
+            ur, vr, ar, cp, cn, hn = u_t[r], v[r], a_t[r], c_prev[r], c_new[r], h_new[r]
             for j in range(2 * d):
-                ar[j] = fast_sigmoid(ar[j])
-            for j in range(2 * d, 3 * d):
-                ar[j] = fast_tanh(ar[j])
-            for j in range(3 * d, 4 * d):
-                ar[j] = fast_sigmoid(ar[j])
+                ar[j] = fast_sigmoid(ur[j] + vr[j])
+            for j in range(d):
+                ar[2 * d + j] = fast_tanh(ur[2 * d + j] + vr[2 * d + j])
+            for j in range(d):
+                ar[3 * d + j] = fast_sigmoid(ur[3 * d + j] + vr[3 * d + j])
             for j in range(d):
                 cn[j] = ar[d + j] * cp[j] + ar[j] * ar[2 * d + j]
             for j in range(d):
@@ -525,8 +532,9 @@ if numba is not None:
 
     @njit(cache=True, error_model="numpy", fastmath={"contract"})
     def lstm_step_backward(gates, cs, gy, dh, dc, dgates, t):  # pragma: no cover - compiled
-        # dh [rows, d]: gradient reaching h_t from step t+1, gy[t] (or gy[0], zeros) from the
-        # output; dc in/out: the gradient reaching c_t, then c_{t-1}; writes dgates[t]
+        # dh [rows, d] in: the gradient reaching h_t from step t+1 (gy[t], or gy[0] = zeros, the
+        # output's is added in place); dc in/out: the gradient reaching c_t, then c_{t-1};
+        # writes dgates[t]
         a_t, c_prev, c_new, g_t, dg_t = gates[t], cs[t], cs[t + 1], gy[min(t, gy.shape[0] - 1)], dgates[t]
         R, G = a_t.shape
         d = G // 4
@@ -534,15 +542,20 @@ if numba is not None:
         for r in range(R):
             ar, cp, cn, g_out, dhr, dcr, dgr = a_t[r], c_prev[r], c_new[r], g_t[r], dh[r], dc[r], dg_t[r]
             for j in range(d):
-                i, f, g, o = ar[j], ar[d + j], ar[2 * d + j], ar[3 * d + j]
-                dh_j = dhr[j] + g_out[j]
+                dhr[j] += g_out[j]
+            for j in range(d):
                 tc = fast_tanh(cn[j])
-                dc_j = dcr[j] + dh_j * o * (one - tc * tc)
-                dgr[j] = dc_j * g * i * (one - i)
-                dgr[d + j] = dc_j * cp[j] * f * (one - f)
-                dgr[2 * d + j] = dc_j * i * (one - g * g)
-                dgr[3 * d + j] = dh_j * tc * o * (one - o)
-                dcr[j] = dc_j * f
+                dcr[j] += dhr[j] * ar[3 * d + j] * (one - tc * tc)
+            for j in range(d):
+                dgr[j] = dcr[j] * ar[2 * d + j] * ar[j] * (one - ar[j])
+            for j in range(d):
+                dgr[d + j] = dcr[j] * cp[j] * ar[d + j] * (one - ar[d + j])
+            for j in range(d):
+                dgr[2 * d + j] = dcr[j] * ar[j] * (one - ar[2 * d + j] * ar[2 * d + j])
+            for j in range(d):
+                dgr[3 * d + j] = dhr[j] * fast_tanh(cn[j]) * ar[3 * d + j] * (one - ar[3 * d + j])
+            for j in range(d):
+                dcr[j] *= ar[d + j]
 
     @njit(cache=True, error_model="numpy", fastmath={"contract"})
     def gru_step(u, v, gates, vn, hs, t):  # pragma: no cover - compiled
@@ -557,11 +570,12 @@ if numba is not None:
                 ar[j] = fast_sigmoid(ur[j] + vr[j])
             for j in range(d):
                 vnr[j] = vr[2 * d + j]
+            for j in range(d):  # n goes through h_new: it reads r from the same row of gates
+                hn[j] = fast_tanh(ur[2 * d + j] + ar[j] * vnr[j])
             for j in range(d):
-                ar[2 * d + j] = fast_tanh(ur[2 * d + j] + ar[j] * vnr[j])
+                ar[2 * d + j] = hn[j]
             for j in range(d):
-                n = ar[2 * d + j]
-                hn[j] = n + ar[d + j] * (hp[j] - n)
+                hn[j] = hn[j] + ar[d + j] * (hp[j] - hn[j])
 
     @njit(cache=True, error_model="numpy", fastmath={"contract"})
     def gru_step_backward(gates, vn, hs, gy, dh, du, dv, dhz, t):  # pragma: no cover - compiled

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernel_paths import kernels
-from recur.ops.cells import gru_reference, gru_sequence, lstm_reference, lstm_sequence
+from recur.ops.cells import _can_pack, _Matmul, gru_reference, gru_sequence, lstm_reference, lstm_sequence
 
 F64 = torch.float64
 
@@ -95,3 +95,42 @@ def test_non_contiguous_inputs_and_float32():
     gw_ref, = torch.autograd.grad(ref.sum(), w)
     gw, = torch.autograd.grad(out.sum(), w)
     torch.testing.assert_close(gw, gw_ref)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_matmul_equals_bmm(bias):
+    """CPU float32: the recurrent matmul through oneDNN with the weight packed once equals bmm,
+    for several streams, with and without the GRU's bias, and on strided rows."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 16, 48, generator=g)
+    b = torch.randn(3, 1, 48, generator=g) if bias else None
+    x = torch.randn(3, 5, 32, generator=g)[..., ::2]  # [streams, rows, 16], rows not contiguous
+    packed = _Matmul(w, rows=5, bias=b)
+    assert (packed.packed is not None) == _can_pack(w)  # packed wherever this torch build has oneDNN
+    want = torch.bmm(x, w) if b is None else torch.baddbmm(b, x, w)
+    got = packed(x)
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with kernels(False):
+        assert _Matmul(w, rows=5, bias=b).packed is None  # the PyTorch path (CUDA's) is bmm
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_float32_loops_equal_the_float64_reference(name, path):
+    """The float32 loops (on CPU with the kernels on: the packed oneDNN matmul and the compiled
+    gates; off: bmm and torch ops) agree with the float64 autograd loop to float32 rounding,
+    outputs and every gradient, at a size where the matmul's blocking matters (d = 64)."""
+    gates = 4 if name == "lstm" else 3
+    g, u, w, b, h0, c0 = inputs(T=6, S=2, B=5, d=64, gates=gates, seed=4)
+    args64 = (u, w, h0, c0) if name == "lstm" else (u, w, b, h0)
+    args32 = [a.detach().float().requires_grad_() for a in args64]
+    fused, reference = (lstm_sequence, lstm_reference) if name == "lstm" else (gru_sequence, gru_reference)
+    ref = reference(*args64)
+    with kernels(path == "compiled"):
+        out = fused(*args32)
+        weights = [torch.randn(o.shape, generator=g, dtype=F64) for o in ref]
+        got = torch.autograd.grad(sum((o * wt.float()).sum() for o, wt in zip(out, weights)), args32)
+    want = torch.autograd.grad(sum((o * wt).sum() for o, wt in zip(ref, weights)), args64)
+    for a, r in zip((*out, *got), (*ref, *want)):
+        torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
