@@ -151,7 +151,8 @@ class _TorchLayoutCell(Mixer):
             s0 = [rearrange(state[key][:, k], f"b r (h d) -> {streams}", h=heads) for key in self.state_keys]
             ys, last = self._loop(u, w_hh, b_hh, *s0)
             y = rearrange(ys, f"t {streams} -> r b t (h d)", r=dirs)
-            inp = y[0] if dirs == 1 else torch.cat([y[0], y[1].flip(1)], dim=-1)  # [batch, time, d_model]
+            # squeeze, not y[0]: the backward of a select zero-fills and copies a full-size gradient
+            inp = y.squeeze(0) if dirs == 1 else torch.cat([y[0], y[1].flip(1)], dim=-1)  # [batch, time, d_model]
             for key, s in zip(self.state_keys, last):
                 finals[key].append(rearrange(s, f"{streams} -> b r (h d)", r=dirs))
         return inp, State({key: torch.cat(v, dim=1) for key, v in finals.items()})

@@ -142,9 +142,9 @@ class _Matmul:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
             return torch.bmm(x, self.w) if self.bias is None else torch.baddbmm(self.bias, x, self.w)
-        out = [torch.ops.mkldnn._linear_pointwise(x_s, w_s, b_s, "none", [], "")
-               for x_s, w_s, b_s in zip(x, self.packed, self.bias_s)]
-        return out[0].unsqueeze(0) if len(out) == 1 else torch.stack(out)
+        if len(self.packed) == 1:  # the common case, without the per-stream loop's overhead
+            return _LINEAR(x[0], self.packed[0], self.bias_s[0], "none", [], "").unsqueeze(0)
+        return torch.stack([_LINEAR(x_s, w_s, b_s, "none", [], "") for x_s, w_s, b_s in zip(x, self.packed, self.bias_s)])
 
 
 def _can_pack(w: torch.Tensor) -> bool:
@@ -160,6 +160,7 @@ def _has_packed_linear() -> bool:
 
 
 _HAS_PACKED_LINEAR = _has_packed_linear()
+_LINEAR = torch.ops.mkldnn._linear_pointwise.default if _HAS_PACKED_LINEAR else None
 
 
 def _rows(x: torch.Tensor):
