@@ -491,6 +491,122 @@ def unit_lower_solve(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return X.reshape(R.shape)
 
 
+# ------------------------------------------------------------------ delta-rule chunk masks
+# The delta rule's chunk form (recur.ops.delta) weighs the C x C blocks KK = K K^T and QK = Q K^T
+# of each chunk by beta and by the decays D_ij = e^{g_i - g_j} (g the cumulative log decay):
+#     A_ij = beta_i KK_ij D_ij  (j < i),     P_ij = QK_ij D_ij  (j <= i),     0 elsewhere.
+# In PyTorch that is six passes over [.., C, C] tensors forward (the differences, the mask, the
+# exp, the products, the triangle) and about fifteen backward; here it is one pass each way.
+# Backward, with dA and dP the gradients reaching A and P (D = 1 without decay):
+#     dKK_ij = dA_ij beta_i D_ij (j < i),    dQK_ij = dP_ij D_ij (j <= i),
+#     dbeta_i = sum_j dA_ij KK_ij D_ij,
+#     X_ij = dKK_ij KK_ij + dQK_ij QK_ij  (each term's derivative in g_i - g_j is the term itself),
+#     dg_i = sum_j X_ij - sum_j X_ji.
+def can_delta_masks(KK: torch.Tensor) -> bool:
+    return enabled() and KK.device.type == "cpu" and KK.dtype in (torch.float32, torch.float64)
+
+
+if numba is not None:
+
+    @njit(cache=True, error_model="numpy", fastmath={"contract"})
+    def _decay_row(g, i, decayed, D):  # pragma: no cover - compiled
+        # D[j] = e^{g_i - g_j} for j <= i (1 without decay); D[j] for j > i is left alone
+        if decayed:
+            for j in range(i + 1):
+                D[j] = fast_exp(g[i] - g[j])
+        else:
+            for j in range(i + 1):
+                D[j] = 1.0
+
+    @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
+    def _delta_masks(KK, QK, g, beta, A, P):  # pragma: no cover - compiled
+        M, C, _ = KK.shape
+        decayed = g.shape[1] > 0
+        for m in prange(M):
+            D = np.empty(C, dtype=KK.dtype)
+            for i in range(C):
+                _decay_row(g[m], i, decayed, D)
+                b, kk, qk, a, p = beta[m, i], KK[m, i], QK[m, i], A[m, i], P[m, i]
+                # one store per loop, every loop from 0: the forms LLVM vectorises
+                for j in range(i):
+                    a[j] = b * kk[j] * D[j]
+                for j in range(C - i):
+                    a[i + j] = 0.0
+                for j in range(i + 1):
+                    p[j] = qk[j] * D[j]
+                for j in range(C - i - 1):
+                    p[i + 1 + j] = 0.0
+
+    @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
+    def _delta_masks_backward(KK, QK, g, beta, dA, dP, dKK, dQK, dg, dbeta):  # pragma: no cover - compiled
+        M, C, _ = KK.shape
+        decayed = g.shape[1] > 0
+        zero = np.zeros(1, dtype=KK.dtype)[0]
+        for m in prange(M):
+            D = np.empty(C, dtype=KK.dtype)
+            X = np.empty(C, dtype=KK.dtype)
+            col = np.zeros(C, dtype=KK.dtype)  # sum_i X_ij
+            for i in range(C):
+                _decay_row(g[m], i, decayed, D)
+                b, kk, qk, da, dp, dkk, dqk = beta[m, i], KK[m, i], QK[m, i], dA[m, i], dP[m, i], dKK[m, i], dQK[m, i]
+                for j in range(i):
+                    dkk[j] = da[j] * b * D[j]
+                for j in range(C - i):
+                    dkk[i + j] = 0.0
+                for j in range(i + 1):
+                    dqk[j] = dp[j] * D[j]
+                for j in range(C - i - 1):
+                    dqk[i + 1 + j] = 0.0
+                db = zero
+                for j in range(i):
+                    db += da[j] * kk[j] * D[j]
+                dbeta[m, i] = db
+                for j in range(i + 1):
+                    X[j] = dkk[j] * kk[j] + dqk[j] * qk[j]
+                row = zero
+                for j in range(i + 1):
+                    row += X[j]
+                dg[m, i] = row
+                for j in range(i + 1):
+                    col[j] += X[j]
+            for i in range(C):
+                dg[m, i] -= col[i]
+
+
+class _DeltaMasks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, KK, QK, g, beta):
+        A, P = torch.empty_like(KK), torch.empty_like(QK)
+        g_np = KK.new_empty(KK.shape[0], 0).numpy() if g is None else g.numpy()
+        _set_threads()
+        _delta_masks(KK.numpy(), QK.numpy(), g_np, beta.numpy(), A.numpy(), P.numpy())
+        ctx.save_for_backward(KK, QK, beta, *(() if g is None else (g,)))
+        return A, P
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dA, dP):
+        KK, QK, beta, *g = ctx.saved_tensors
+        dA = torch.zeros_like(KK) if dA is None else dA.contiguous()
+        dP = torch.zeros_like(QK) if dP is None else dP.contiguous()
+        dKK, dQK = torch.empty_like(KK), torch.empty_like(QK)
+        dg, dbeta = torch.empty_like(beta), torch.empty_like(beta)
+        g_np = KK.new_empty(KK.shape[0], 0).numpy() if not g else g[0].numpy()
+        _set_threads()
+        _delta_masks_backward(KK.numpy(), QK.numpy(), g_np, beta.numpy(), dA.numpy(), dP.numpy(),
+                              dKK.numpy(), dQK.numpy(), dg.numpy(), dbeta.numpy())
+        return dKK, dQK, (dg if g else None), dbeta
+
+
+def delta_masks(KK: torch.Tensor, QK: torch.Tensor, g: torch.Tensor | None, beta: torch.Tensor):
+    """(A, P) of the delta rule's chunk form (see above) for KK, QK [..., C, C], g (cumulative
+    log decay, or None: no decay) and beta [..., C]; compiled, CPU."""
+    C = KK.shape[-1]
+    A, P = _DeltaMasks.apply(KK.reshape(-1, C, C).contiguous(), QK.reshape(-1, C, C).contiguous(),
+                             None if g is None else g.reshape(-1, C).contiguous(), beta.reshape(-1, C).contiguous())
+    return A.view(KK.shape), P.view(QK.shape)
+
+
 # -------------------------------------------------------------------------- LSTM / GRU gates
 # The elementwise part of one LSTM or GRU step (recur.ops.cells), forward and backward, on
 # [rows, gates * d] slices (rows = streams x batch): one call in place of 8-14 PyTorch ops,

@@ -143,21 +143,15 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
         log_alpha = None if log_alpha is None else F.pad(log_alpha, (0, pad))
     q, k, v = (rearrange(t, "b h (n c) d -> b h n c d", c=C) for t in (q, k, v))
     beta = rearrange(beta, "b h (n c) -> b h n c", c=C)
-    causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-
-    if log_alpha is None:  # DeltaNet: every decay is 1, so the decay algebra drops out
-        A = (beta[..., None] * (k @ k.transpose(-1, -2))).tril(-1)
+    g = None if log_alpha is None else rearrange(log_alpha, "b h (n c) -> b h n c", c=C).cumsum(-1)  # [b, h, n, c]
+    A, P = _masks(k @ k.transpose(-1, -2), q @ k.transpose(-1, -2), g, beta)
+    if g is None:  # DeltaNet: every decay is 1, so the decay algebra drops out
         W, U0 = _unit_lower_solve_pair(A, beta[..., None] * k, beta[..., None] * v)
-        P = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
         q_dec, k_dec, chunk_decay = q, k, beta.new_ones(beta.shape[:3])
     else:
-        g = rearrange(log_alpha, "b h (n c) -> b h n c", c=C).cumsum(-1)  # [b, h, n, c]
-        decay = (g[..., :, None] - g[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [b, h, n, c, c]
-        A = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)
         e_g = g.exp()[..., None]
         # (I + A) W = diag(beta e^g) K and (I + A) U0 = diag(beta) V
         W, U0 = _unit_lower_solve_pair(A, (beta[..., None] * e_g) * k, beta[..., None] * v)
-        P = (q @ k.transpose(-1, -2)) * decay
         q_dec = q * e_g
         g_last = g[..., -1:]  # [b, h, n, 1]
         k_dec = k * (g_last - g).exp()[..., None]
@@ -221,6 +215,20 @@ class _StatePass(torch.autograd.Function):
         dd = (E * Gs).sum((-1, -2)) if ctx.needs_input_grad[2] else None
         dK = U @ Gs.transpose(-1, -2) if ctx.needs_input_grad[3] else None
         return gUt, dW, dd, dK, G
+
+
+def _masks(KK, QK, g, beta):
+    """A = strict_lower(diag(beta) KK * D) and P = lower(QK * D), D_ij = e^{g_i - g_j} (all ones
+    when g is None), for the chunk blocks KK = K K^T, QK = Q K^T [..., C, C]. CPU: one compiled
+    pass each way (``compiled.delta_masks``); elsewhere PyTorch ops."""
+    if compiled.can_delta_masks(KK):
+        return compiled.delta_masks(KK, QK, g, beta)
+    C = KK.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=KK.device).tril()
+    if g is None:
+        return (beta[..., None] * KK).tril(-1), QK.masked_fill(~causal, 0.0)
+    decay = (g[..., :, None] - g[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    return (beta[..., None] * KK * decay).tril(-1), QK * decay
 
 
 def _unit_lower_solve_pair(L, R1, R2):

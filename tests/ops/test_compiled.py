@@ -111,3 +111,42 @@ def test_unit_lower_solve_equals_lapack_forward_and_backward(dtype):
     torch.testing.assert_close(got, want, **tol)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("decayed", [True, False])
+def test_delta_masks_equal_the_pytorch_masks(decayed, dtype):
+    """The delta rule's fused chunk masks (A = strict_lower(beta KK D), P = lower(QK D)) against
+    the PyTorch ops they replace, forward and the gradients of KK, QK, g and beta; odd chunk
+    sizes and strongly decaying gates (decays that underflow to exact zeros) included."""
+    from recur.ops.delta import _masks
+
+    g = torch.Generator().manual_seed(1)
+    C = 13
+    leaves = [torch.randn(2, 3, C, C, generator=g, dtype=dtype), torch.randn(2, 3, C, C, generator=g, dtype=dtype),
+              (30 * torch.nn.functional.logsigmoid(torch.randn(2, 3, C, generator=g, dtype=dtype))).cumsum(-1),
+              torch.rand(2, 3, C, generator=g, dtype=dtype)]
+    if not decayed:
+        leaves[2] = None
+    weights = [torch.randn(2, 3, C, C, generator=g, dtype=dtype) for _ in range(2)]
+    results = {}
+    for path in ("compiled", "torch"):
+        args = [None if t is None else t.clone().requires_grad_() for t in leaves]
+        with kernels(path == "compiled"):
+            A, P = _masks(*args)
+        given_args = [a for a in args if a is not None]
+        grads = torch.autograd.grad((A * weights[0]).sum() + (P * weights[1]).sum(), given_args)
+        results[path] = (A, P, *grads)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(results["compiled"], results["torch"]):
+        torch.testing.assert_close(a, b, **tol)
+    assert (results["compiled"][0].triu() == 0).all() and (results["compiled"][1].triu(1) == 0).all()
+
+
+def test_delta_masks_gradcheck():
+    g = torch.Generator().manual_seed(2)
+    args = (torch.randn(2, 5, 5, generator=g, dtype=torch.float64, requires_grad=True),
+            torch.randn(2, 5, 5, generator=g, dtype=torch.float64, requires_grad=True),
+            torch.nn.functional.logsigmoid(torch.randn(2, 5, generator=g, dtype=torch.float64)).cumsum(-1).requires_grad_(),
+            torch.rand(2, 5, generator=g, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(compiled.delta_masks, args)
