@@ -163,8 +163,8 @@ class _TorchLayoutCell(Mixer):
 
     @abstractmethod
     def _loop(self, u, w_hh, b_hh, *states):
-        """The recurrence over time. u [time, streams, batch, gates*head_dim] (input projections),
-        w_hh [streams, head_dim, gates*head_dim], b_hh [streams, 1, gates*head_dim], states
+        """The recurrence over time. u [time, streams, batch, gates*head_dim] (input projections, a
+        temporary the loop may overwrite), w_hh [streams, head_dim, gates*head_dim], b_hh [streams, 1, gates*head_dim], states
         [streams, batch, head_dim]; returns (h_t for every t [time, streams, batch, head_dim],
         final states). The fused loops of ``recur.ops.cells`` (hand-written BPTT)."""
 
@@ -267,7 +267,7 @@ class LSTM(_TorchLayoutCell):
                 self.bias_hh[:, forget] = 0.0
 
     def _loop(self, u, w_hh, b_hh, h, c):
-        ys, h, c = lstm_sequence(u, w_hh, h, c)  # b_hh is folded into u
+        ys, h, c = lstm_sequence(u, w_hh, h, c, overwrite_u=True)  # b_hh is folded into u
         return ys, (h, c)
 
 
@@ -294,5 +294,5 @@ class GRU(_TorchLayoutCell):
         return self.bias_ih[k]  # b_hn sits inside r * (W_hn h + b_hn): b_hh stays in the loop
 
     def _loop(self, u, w_hh, b_hh, h):
-        ys, h = gru_sequence(u, w_hh, b_hh, h)
+        ys, h = gru_sequence(u, w_hh, b_hh, h, overwrite_u=True)
         return ys, (h,)

@@ -627,20 +627,20 @@ if numba is not None:
     # Each kernel takes whole [time, rows, .] arrays and the step t: indexing in Python (and
     # converting a slice per argument) cost more per step than the arithmetic.
     @njit(cache=True, error_model="numpy", fastmath={"contract"})
-    def lstm_step(u, v, gates, cs, hs, t):  # pragma: no cover - compiled
-        # pre-activations u[t] + v (v = h_{t-1} W_hh^T); writes gates[t] (i, f, g, o
-        # activated), cs[t + 1], hs[t + 1]
-        u_t, a_t, c_prev, c_new, h_new = u[t], gates[t], cs[t], cs[t + 1], hs[t + 1]
+    def lstm_step(v, gates, cs, hs, t):  # pragma: no cover - compiled
+        # gates[t] holds u[t] (input projections); adds v = h_{t-1} W_hh^T and activates in place
+        # (i, f, g, o); writes cs[t + 1], hs[t + 1]
+        a_t, c_prev, c_new, h_new = gates[t], cs[t], cs[t + 1], hs[t + 1]
         R, G = a_t.shape
         d = G // 4
         for r in range(R):
-            ur, vr, ar, cp, cn, hn = u_t[r], v[r], a_t[r], c_prev[r], c_new[r], h_new[r]
+            vr, ar, cp, cn, hn = v[r], a_t[r], c_prev[r], c_new[r], h_new[r]
             for j in range(2 * d):
-                ar[j] = fast_sigmoid(ur[j] + vr[j])
+                ar[j] = fast_sigmoid(ar[j] + vr[j])
             for j in range(d):
-                ar[2 * d + j] = fast_tanh(ur[2 * d + j] + vr[2 * d + j])
+                ar[2 * d + j] = fast_tanh(ar[2 * d + j] + vr[2 * d + j])
             for j in range(d):
-                ar[3 * d + j] = fast_sigmoid(ur[3 * d + j] + vr[3 * d + j])
+                ar[3 * d + j] = fast_sigmoid(ar[3 * d + j] + vr[3 * d + j])
             for j in range(d):
                 cn[j] = ar[d + j] * cp[j] + ar[j] * ar[2 * d + j]
             for j in range(d):
@@ -674,20 +674,20 @@ if numba is not None:
                 dcr[j] *= ar[d + j]
 
     @njit(cache=True, error_model="numpy", fastmath={"contract"})
-    def gru_step(u, v, gates, vn, hs, t):  # pragma: no cover - compiled
-        # u[t] = W_ih x_t + b_ih, v = W_hh h_{t-1} + b_hh [rows, 3d]; writes gates[t] (r, z, n
-        # activated), vn[t] (v's n part, which r scales) and hs[t + 1]
-        u_t, h_prev, a_t, vn_t, h_new = u[t], hs[t], gates[t], vn[t], hs[t + 1]
-        R, G = u_t.shape
+    def gru_step(v, gates, vn, hs, t):  # pragma: no cover - compiled
+        # gates[t] holds u[t] = W_ih x_t + b_ih; with v = W_hh h_{t-1} + b_hh [rows, 3d], activates
+        # it in place (r, z, n); writes vn[t] (v's n part, which r scales) and hs[t + 1]
+        h_prev, a_t, vn_t, h_new = hs[t], gates[t], vn[t], hs[t + 1]
+        R, G = a_t.shape
         d = G // 3
         for r in range(R):
-            ur, vr, hp, ar, vnr, hn = u_t[r], v[r], h_prev[r], a_t[r], vn_t[r], h_new[r]
+            vr, hp, ar, vnr, hn = v[r], h_prev[r], a_t[r], vn_t[r], h_new[r]
             for j in range(2 * d):
-                ar[j] = fast_sigmoid(ur[j] + vr[j])
+                ar[j] = fast_sigmoid(ar[j] + vr[j])
             for j in range(d):
                 vnr[j] = vr[2 * d + j]
             for j in range(d):  # n goes through h_new: it reads r from the same row of gates
-                hn[j] = fast_tanh(ur[2 * d + j] + ar[j] * vnr[j])
+                hn[j] = fast_tanh(ar[2 * d + j] + ar[j] * vnr[j])
             for j in range(d):
                 ar[2 * d + j] = hn[j]
             for j in range(d):
