@@ -23,7 +23,8 @@ GRU (gate order r, z, n as torch.nn.GRU; u_t = W_ih x_t + b_ih, v_t = h_{t-1} W_
     dh_{t-1} = dh z + dv W_hh
 
 The weight gradients are one batched matmul over all steps after the loop (sum_t h_{t-1}^T dv_t),
-not T small ones. Shapes: u [time, streams, batch, gates * d] (streams: directions x heads of a
+not T small ones. On CPU (float32) the per-step recurrent matmuls use oneDNN with W_hh packed once
+per loop (``_Matmul``) and the gate arithmetic is one compiled call per step (recur.ops.compiled). Shapes: u [time, streams, batch, gates * d] (streams: directions x heads of a
 layer, run side by side), w [streams, d, gates * d] (W_hh^T per stream), b [streams, 1, gates * d],
 h0, c0 [streams, batch, d]. The plain autograd loops (``lstm_reference``, ``gru_reference``) are
 the oracles the tests hold these to; double backward is not supported (use the references).

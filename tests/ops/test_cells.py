@@ -134,3 +134,25 @@ def test_float32_loops_equal_the_float64_reference(name, path):
     want = torch.autograd.grad(sum((o * wt).sum() for o, wt in zip(ref, weights)), args64)
     for a, r in zip((*out, *got), (*ref, *want)):
         torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+@pytest.mark.parametrize("name", ["lstm", "gru"])
+def test_u_is_left_alone_unless_handed_over(name, path):
+    """By default the loops copy u; with overwrite_u=True (the layers' private projections) they
+    keep their gates in it, and the results and gradients are the same either way."""
+    g, u, w, b, h0, c0 = inputs(T=5, S=2, B=3, d=4, gates=4 if name == "lstm" else 3, seed=5)
+    run = (lambda u, over: lstm_sequence(u, w, h0, c0, overwrite_u=over)) if name == "lstm" else \
+        (lambda u, over: gru_sequence(u, w, b, h0, overwrite_u=over))
+    with kernels(path == "compiled"):
+        before = u.detach().clone()
+        kept = run(u, False)
+        assert torch.equal(u.detach(), before)
+        handed = u.detach().clone().requires_grad_()
+        over = run(handed * 1.0, True)  # a non-leaf temporary, as in the layers
+        for a, r in zip(over, kept):
+            close(a, r, "outputs")
+        wt = [torch.randn(o.shape, generator=g, dtype=F64) for o in kept]
+        grad_kept, = torch.autograd.grad(sum((o * x).sum() for o, x in zip(kept, wt)), u)
+        grad_over, = torch.autograd.grad(sum((o * x).sum() for o, x in zip(over, wt)), handed)
+    close(grad_over, grad_kept, "du")
