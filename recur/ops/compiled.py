@@ -607,6 +607,142 @@ def delta_masks(KK: torch.Tensor, QK: torch.Tensor, g: torch.Tensor | None, beta
     return A.view(KK.shape), P.view(QK.shape)
 
 
+# ------------------------------------------------------------- delta-rule chunk inputs
+# The per-position scalings of the delta rule's chunk form, for g the cumulative log decay
+# within each chunk (ending at g_last):
+#     Rw_i = beta_i e^{g_i} k_i,   Rv_i = beta_i v_i,   Qd_i = e^{g_i} q_i,   Kd_i = e^{g_last - g_i} k_i,
+#     cd = e^{g_last}                       (without decay: Rw_i = beta_i k_i and Rv_i only)
+# Backward, with <.,.> over the feature dim:
+#     dq_i = e^{g_i} dQd_i,   dk_i = beta_i e^{g_i} dRw_i + e^{g_last - g_i} dKd_i,   dv_i = beta_i dRv_i,
+#     dbeta_i = e^{g_i} <dRw_i, k_i> + <dRv_i, v_i>,
+#     dg_i = e^{g_i} (beta_i <dRw_i, k_i> + <dQd_i, q_i>) - e^{g_last - g_i} <dKd_i, k_i>,
+#     dg_last += sum_i e^{g_last - g_i} <dKd_i, k_i> + e^{g_last} dcd.
+# One pass each way instead of about 6 PyTorch ops forward and 20 backward (measured at
+# B=4 H=4 T=4096 d=64: 12 ms forward and 43 ms forward+backward in PyTorch).
+if numba is not None:
+
+    @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
+    def _delta_inputs(q, k, v, beta, g, Rw, Rv, Qd, Kd, cd):  # pragma: no cover - compiled
+        M, C, Dk = k.shape
+        Dv = v.shape[2]
+        decayed = g.shape[1] > 0
+        one = np.ones(1, dtype=k.dtype)[0]
+        for m in prange(M):
+            for i in range(C):
+                b = beta[m, i]
+                eg = fast_exp(g[m, i]) if decayed else one
+                bw = b * eg
+                ki, rw = k[m, i], Rw[m, i]
+                for j in range(Dk):
+                    rw[j] = bw * ki[j]
+                vi, rv = v[m, i], Rv[m, i]
+                for j in range(Dv):
+                    rv[j] = b * vi[j]
+                if decayed:
+                    er = fast_exp(g[m, C - 1] - g[m, i])
+                    qi, qd, kd = q[m, i], Qd[m, i], Kd[m, i]
+                    for j in range(Dk):
+                        qd[j] = eg * qi[j]
+                    for j in range(Dk):
+                        kd[j] = er * ki[j]
+            if decayed:
+                cd[m] = fast_exp(g[m, C - 1])
+
+    @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
+    def _delta_inputs_backward(q, k, v, beta, g, dRw, dRv, dQd, dKd, dcd, dq, dk, dv, dbeta, dg):  # pragma: no cover - compiled
+        M, C, Dk = k.shape
+        Dv = v.shape[2]
+        decayed = g.shape[1] > 0
+        zero = np.zeros(1, dtype=k.dtype)[0]
+        for m in prange(M):
+            last = zero  # sum_i e^{g_last - g_i} <dKd_i, k_i>
+            for i in range(C):
+                b = beta[m, i]
+                ki, dki, drw = k[m, i], dk[m, i], dRw[m, i]
+                vi, dvi, drv = v[m, i], dv[m, i], dRv[m, i]
+                rwk = zero
+                for j in range(Dk):
+                    rwk += drw[j] * ki[j]
+                rvv = zero
+                for j in range(Dv):
+                    rvv += drv[j] * vi[j]
+                for j in range(Dv):
+                    dvi[j] = b * drv[j]
+                if decayed:
+                    eg = fast_exp(g[m, i])
+                    er = fast_exp(g[m, C - 1] - g[m, i])
+                    qi, dqi, dqd, dkd = q[m, i], dq[m, i], dQd[m, i], dKd[m, i]
+                    qq = zero
+                    for j in range(Dk):
+                        qq += dqd[j] * qi[j]
+                    kk = zero
+                    for j in range(Dk):
+                        kk += dkd[j] * ki[j]
+                    for j in range(Dk):
+                        dqi[j] = eg * dqd[j]
+                    bw = b * eg
+                    for j in range(Dk):
+                        dki[j] = bw * drw[j] + er * dkd[j]
+                    dbeta[m, i] = eg * rwk + rvv
+                    dg[m, i] = eg * (b * rwk + qq) - er * kk
+                    last += er * kk
+                else:
+                    for j in range(Dk):
+                        dki[j] = b * drw[j]
+                    dbeta[m, i] = rwk + rvv
+            if decayed:
+                dg[m, C - 1] += last + fast_exp(g[m, C - 1]) * dcd[m]
+
+
+class _DeltaInputs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g):
+        decayed = g is not None
+        Rw, Rv = torch.empty_like(k), torch.empty_like(v)
+        Qd, Kd = (torch.empty_like(q), torch.empty_like(k)) if decayed else (k[:0], k[:0])
+        cd = beta.new_empty(beta.shape[0]) if decayed else beta[:0, 0]
+        g_np = g.numpy() if decayed else beta.new_empty(beta.shape[0], 0).numpy()
+        _set_threads()
+        _delta_inputs(q.numpy(), k.numpy(), v.numpy(), beta.numpy(), g_np, Rw.numpy(), Rv.numpy(), Qd.numpy(),
+                      Kd.numpy(), cd.numpy())
+        ctx.save_for_backward(q, k, v, beta, *((g,) if decayed else ()))
+        return (Rw, Rv, Qd, Kd, cd) if decayed else (Rw, Rv)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dRw, dRv, *decay_grads):
+        q, k, v, beta, *g = ctx.saved_tensors
+        dense = lambda t, like: torch.zeros_like(like) if t is None else t.contiguous()  # noqa: E731
+        dRw, dRv = dense(dRw, k), dense(dRv, v)
+        if g:
+            dQd, dKd, dcd = dense(decay_grads[0], q), dense(decay_grads[1], k), dense(decay_grads[2], beta[:, 0])
+            dq, dg, g_np = torch.empty_like(q), torch.empty_like(beta), g[0].numpy()
+        else:
+            dQd = dKd = k[:0]
+            dcd, dq, dg, g_np = beta[:0, 0], k[:0], beta[:0], beta.new_empty(beta.shape[0], 0).numpy()
+        dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
+        _set_threads()
+        _delta_inputs_backward(q.numpy(), k.numpy(), v.numpy(), beta.numpy(), g_np, dRw.numpy(), dRv.numpy(),
+                               dQd.numpy(), dKd.numpy(), dcd.numpy(), dq.numpy(), dk.numpy(), dv.numpy(),
+                               dbeta.numpy(), dg.numpy())
+        return (dq if g else None), dk, dv, dbeta, (dg if g else None)
+
+
+def can_delta_inputs(k: torch.Tensor) -> bool:
+    return enabled() and k.device.type == "cpu" and k.dtype in (torch.float32, torch.float64)
+
+
+def delta_inputs(q, k, v, beta, g):
+    """(Rw, Rv, Qd, Kd, cd) of the delta rule's chunk form (see above) for q, k [..., C, d_k],
+    v [..., C, d_v], beta and g (cumulative log decay) [..., C]; (Rw, Rv) when g is None.
+    Compiled, CPU."""
+    lead, C = k.shape[:-2], k.shape[-2]
+    flat = lambda t: t.reshape(-1, *t.shape[len(lead):]).contiguous()  # noqa: E731
+    outs = _DeltaInputs.apply(flat(q), flat(k), flat(v), flat(beta), None if g is None else flat(g))
+    shapes = (k.shape, v.shape, q.shape, k.shape, lead)
+    return tuple(o.view(s) for o, s in zip(outs, shapes))
+
+
 # -------------------------------------------------------------------------- LSTM / GRU gates
 # The elementwise part of one LSTM or GRU step (recur.ops.cells), forward and backward, on
 # [rows, gates * d] slices (rows = streams x batch): one call in place of 8-14 PyTorch ops,

@@ -144,18 +144,14 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
     q, k, v = (rearrange(t, "b h (n c) d -> b h n c d", c=C) for t in (q, k, v))
     beta = rearrange(beta, "b h (n c) -> b h n c", c=C)
     g = None if log_alpha is None else rearrange(log_alpha, "b h (n c) -> b h n c", c=C).cumsum(-1)  # [b, h, n, c]
-    A, P = _masks(k @ k.transpose(-1, -2), q @ k.transpose(-1, -2), g, beta)
+    A, P = _masks(_Gram.apply(k), q @ k.transpose(-1, -2), g, beta)
     if g is None:  # DeltaNet: every decay is 1, so the decay algebra drops out
-        W, U0 = _unit_lower_solve_pair(A, beta[..., None] * k, beta[..., None] * v)
+        Rw, Rv = _scaled_inputs(q, k, v, beta, g)
         q_dec, k_dec, chunk_decay = q, k, beta.new_ones(beta.shape[:3])
     else:
-        e_g = g.exp()[..., None]
-        # (I + A) W = diag(beta e^g) K and (I + A) U0 = diag(beta) V
-        W, U0 = _unit_lower_solve_pair(A, (beta[..., None] * e_g) * k, beta[..., None] * v)
-        q_dec = q * e_g
-        g_last = g[..., -1:]  # [b, h, n, 1]
-        k_dec = k * (g_last - g).exp()[..., None]
-        chunk_decay = g_last.exp()[..., 0]
+        Rw, Rv, q_dec, k_dec, chunk_decay = _scaled_inputs(q, k, v, beta, g)
+    # (I + A) W = diag(beta e^g) K and (I + A) U0 = diag(beta) V
+    W, U0 = _unit_lower_solve_pair(A, Rw, Rv)
 
     # Only the state crosses chunks: a loop over n chunks of small matmuls (_StatePass).
     flat = lambda t: t.reshape(B * H, *t.shape[2:])  # noqa: E731
@@ -215,6 +211,36 @@ class _StatePass(torch.autograd.Function):
         dd = (E * Gs).sum((-1, -2)) if ctx.needs_input_grad[2] else None
         dK = U @ Gs.transpose(-1, -2) if ctx.needs_input_grad[3] else None
         return gUt, dW, dd, dK, G
+
+
+def _scaled_inputs(q, k, v, beta, g):
+    """Rw = diag(beta e^g) K and Rv = diag(beta) V, the solves' right-hand sides, and with a decay
+    also Q and K decayed from the chunk start and to the chunk end, and the chunk's total decay:
+    (Rw, Rv, diag(e^g) Q, diag(e^{g_last - g}) K, e^{g_last}). CPU: one compiled pass each way
+    (``compiled.delta_inputs``); elsewhere PyTorch ops."""
+    if compiled.can_delta_inputs(k):
+        return compiled.delta_inputs(q, k, v, beta, g)
+    if g is None:
+        return beta[..., None] * k, beta[..., None] * v
+    e_g = g.exp()[..., None]
+    g_last = g[..., -1:]
+    return ((beta[..., None] * e_g) * k, beta[..., None] * v, q * e_g, k * (g_last - g).exp()[..., None],
+            g_last.exp()[..., 0])
+
+
+class _Gram(torch.autograd.Function):
+    """K K^T over the last two dims, with the backward of a symmetric product: dK = (G + G^T) K,
+    one matmul where autograd's two-operand rule takes two (G K and G^T K) and an add."""
+
+    @staticmethod
+    def forward(ctx, k):
+        ctx.save_for_backward(k)
+        return k @ k.transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (k,) = ctx.saved_tensors
+        return (grad + grad.transpose(-1, -2)) @ k
 
 
 def _masks(KK, QK, g, beta):

@@ -150,3 +150,48 @@ def test_delta_masks_gradcheck():
             torch.nn.functional.logsigmoid(torch.randn(2, 5, generator=g, dtype=torch.float64)).cumsum(-1).requires_grad_(),
             torch.rand(2, 5, generator=g, dtype=torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(compiled.delta_masks, args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("decayed", [True, False])
+def test_delta_inputs_equal_the_pytorch_ops(decayed, dtype):
+    """The delta rule's fused per-position scalings (the solves' right-hand sides, decayed
+    queries and keys, the chunk decay) against the PyTorch ops they replace, forward and every
+    gradient, with d_k != d_v and only some outputs receiving a gradient."""
+    from recur.ops.delta import _scaled_inputs
+
+    g = torch.Generator().manual_seed(3)
+    C, Dk, Dv = 7, 5, 3
+    leaves = [torch.randn(2, 3, C, Dk, generator=g, dtype=dtype), torch.randn(2, 3, C, Dk, generator=g, dtype=dtype),
+              torch.randn(2, 3, C, Dv, generator=g, dtype=dtype), torch.rand(2, 3, C, generator=g, dtype=dtype),
+              (4 * torch.nn.functional.logsigmoid(torch.randn(2, 3, C, generator=g, dtype=dtype))).cumsum(-1)]
+    if not decayed:
+        leaves[4] = None
+    results = {}
+    for path in ("compiled", "torch"):
+        args = [None if t is None else t.clone().requires_grad_() for t in leaves]
+        with kernels(path == "compiled"):
+            outs = _scaled_inputs(*args)
+        weights = torch.Generator().manual_seed(4)
+        used = outs[:-1] if decayed else outs  # the chunk decay gets no gradient here (gradcheck gives it one)
+        loss = sum((o * torch.randn(o.shape, generator=weights, dtype=dtype)).sum() for o in used)
+        given_args = [a for a in args if a is not None and a.requires_grad]
+        grads = torch.autograd.grad(loss, given_args, allow_unused=True)
+        results[path] = (*outs, *[torch.zeros(()) if x is None else x for x in grads])
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    assert len(results["compiled"]) == len(results["torch"])
+    for a, b in zip(results["compiled"], results["torch"]):
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("decayed", [True, False])
+def test_delta_inputs_gradcheck(decayed):
+    g = torch.Generator().manual_seed(5)
+    F64 = torch.float64
+    args = [torch.randn(2, 4, 3, generator=g, dtype=F64), torch.randn(2, 4, 3, generator=g, dtype=F64),
+            torch.randn(2, 4, 2, generator=g, dtype=F64), torch.rand(2, 4, generator=g, dtype=F64),
+            torch.nn.functional.logsigmoid(torch.randn(2, 4, generator=g, dtype=F64)).cumsum(-1)]
+    if not decayed:
+        args[4] = None
+    args = tuple(None if a is None else a.requires_grad_() for a in args)
+    assert torch.autograd.gradcheck(lambda *a: compiled.delta_inputs(*a), args)
