@@ -127,12 +127,14 @@ if numba is not None:
                 bt = b[row, t, c0:c1]
                 o = out[row, t, c0:c1]
                 for gi in range(g1 - g0):
+                    # slices and loops from 0 with one store each: LLVM left range(base, base + rep)
+                    # scalar (3.3 ms against 1.0 ms at GLA's state pass, [16, 64, 64 x 64])
                     a = fast_exp(la[gi])
-                    base = gi * rep
-                    for r in range(base, base + rep):
-                        v = a * h[r] + bt[r]
-                        h[r] = v
-                        o[r] = v
+                    hg, bg, og = h[gi * rep:(gi + 1) * rep], bt[gi * rep:(gi + 1) * rep], o[gi * rep:(gi + 1) * rep]
+                    for r in range(rep):
+                        hg[r] = a * hg[r] + bg[r]
+                    for r in range(rep):
+                        og[r] = hg[r]
 
     # reassoc: the gradient of each group's log decay is a sum over its channels.
     @njit(parallel=True, cache=True, fastmath={"contract", "reassoc", "nsz"})
@@ -154,20 +156,23 @@ if numba is not None:
                 for gi in range(g1 - g0):
                     a_t = fast_exp(la[gi])
                     an = np.conj(a_next[gi])
-                    ca = np.conj(a_t)
+                    lo, hi = gi * rep, (gi + 1) * rep
+                    gg, ghg, gbg, hpg = g[lo:hi], gh[lo:hi], gb[lo:hi], h_prev[lo:hi]
+                    for r in range(rep):
+                        gg[r] = ghg[r] + an * gg[r]
+                    for r in range(rep):
+                        gbg[r] = gg[r]
                     acc = zero
-                    base = gi * rep
-                    for r in range(base, base + rep):
-                        gc = gh[r] + an * g[r]
-                        g[r] = gc
-                        gb[r] = gc
-                        acc += gc * ca * np.conj(h_prev[r])
-                    gla[gi] = acc
+                    for r in range(rep):
+                        acc += gg[r] * np.conj(hpg[r])
+                    gla[gi] = np.conj(a_t) * acc
                     a_next[gi] = a_t
             for gi in range(g1 - g0):
                 an = np.conj(a_next[gi])
-                for r in range(gi * rep, (gi + 1) * rep):
-                    grad_h0[row, c0 + r] = an * g[r]
+                g0h = grad_h0[row, c0 + gi * rep:c0 + (gi + 1) * rep]
+                gg = g[gi * rep:(gi + 1) * rep]
+                for r in range(rep):
+                    g0h[r] = an * gg[r]
 
 
 def _block(rows: int, channels: int, cap: int | None = None) -> int:
