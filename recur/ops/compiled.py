@@ -748,6 +748,154 @@ def delta_inputs(q, k, v, beta, g):
     return tuple(o.view(s) for o, s in zip(outs, shapes))
 
 
+# ---------------------------------------------------- gated linear attention chunk decays
+# GLA's chunk form with per-dimension decays factored through the chunk start (recur.ops.gated):
+# with c_i = sum_{j<=i} g_j the chunk's cumulative log decay (per key dimension), cq_i = c_i, or
+# c_{i-1} (c_{-1} = 0) when the output reads the state before the update, and c_last = c_{C-1}:
+#     Qd_i = q_i e^{cq_i},   Ki_i = k_i e^{-c_i},   Ke_i = k_i e^{c_last - c_i}   (and c_last)
+# Backward, elementwise per dimension, with dc_i the gradient reaching c_i and dg_i = sum_{i'>=i} dc_i':
+#     dq_i = dQd_i e^{cq_i},   dk_i = dKi_i e^{-c_i} + dKe_i e^{c_last - c_i},
+#     dc_i = -dKi_i Ki_i - dKe_i Ke_i  (+ dQd_i Qd_i to c_i, or dQd_{i+1} Qd_{i+1} when reading before),
+#     dc_last = dclast + sum_i dKe_i Ke_i.
+# One pass each way in place of the cumulative sum, the exps, the products and their backward.
+if numba is not None:
+
+    @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
+    def _gla_decays(q, k, g, before, Qd, Ki, Ke, c_last):  # pragma: no cover - compiled
+        # c accumulates in float64, as torch.cumsum does for float32 on CPU: near the factoring
+        # limit e^{-c} magnifies the error of a float32 running sum (2.5x less accurate outputs)
+        M, C, D = k.shape
+        for m in prange(M):
+            acc = np.zeros(D, dtype=np.float64)
+            c = np.zeros(D, dtype=k.dtype)  # acc rounded
+            e = np.empty(D, dtype=k.dtype)
+            for i in range(C):
+                qi, ki, gi, qd, kin = q[m, i], k[m, i], g[m, i], Qd[m, i], Ki[m, i]
+                if before:
+                    for j in range(D):
+                        e[j] = fast_exp(c[j])
+                    for j in range(D):
+                        qd[j] = qi[j] * e[j]
+                for j in range(D):
+                    acc[j] += gi[j]
+                for j in range(D):
+                    c[j] = acc[j]
+                for j in range(D):
+                    e[j] = fast_exp(c[j])
+                if not before:
+                    for j in range(D):
+                        qd[j] = qi[j] * e[j]
+                for j in range(D):
+                    kin[j] = ki[j] / e[j]
+            cl = c_last[m]
+            for j in range(D):
+                cl[j] = c[j]
+            for j in range(D):
+                e[j] = fast_exp(c[j])
+            for i in range(C):
+                kin, ke = Ki[m, i], Ke[m, i]
+                for j in range(D):
+                    ke[j] = kin[j] * e[j]
+
+    @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
+    def _gla_decays_backward(q, k, g, before, dQd, dKi, dKe, dcl, dq, dk, dg):  # pragma: no cover - compiled
+        # the sums over positions (c, and the reverse sum giving dg) accumulate in float64
+        M, C, D = k.shape
+        for m in prange(M):
+            cs = np.empty((C, D), dtype=k.dtype)  # c_i
+            acc = np.zeros(D, dtype=np.float64)
+            for i in range(C):
+                gi, ci = g[m, i], cs[i]
+                for j in range(D):
+                    acc[j] += gi[j]
+                for j in range(D):
+                    ci[j] = acc[j]
+            ecl = np.empty(D, dtype=k.dtype)
+            for j in range(D):
+                ecl[j] = fast_exp(cs[C - 1, j])
+            last = np.zeros(D, dtype=np.float64)  # the gradient reaching c_last
+            for j in range(D):
+                last[j] = dcl[m, j]
+            for i in range(C):
+                ki, dke, ci = k[m, i], dKe[m, i], cs[i]
+                for j in range(D):
+                    last[j] += dke[j] * ki[j] * ecl[j] / fast_exp(ci[j])
+            r = np.zeros(D, dtype=np.float64)  # sum over i' >= i of dc_i'
+            einv = np.empty(D, dtype=k.dtype)
+            eq = np.empty(D, dtype=k.dtype)
+            one = np.ones(1, dtype=k.dtype)[0]
+            for i in range(C - 1, -1, -1):
+                qi, ki, ci, dqd, dki, dke = q[m, i], k[m, i], cs[i], dQd[m, i], dKi[m, i], dKe[m, i]
+                dqi, dkk, dgi = dq[m, i], dk[m, i], dg[m, i]
+                for j in range(D):
+                    einv[j] = one / fast_exp(ci[j])
+                for j in range(D):  # the keys' terms (Ki_i = k_i e^{-c_i}, Ke_i = Ki_i e^{c_last})
+                    r[j] -= (dki[j] + dke[j] * ecl[j]) * ki[j] * einv[j]
+                for j in range(D):
+                    dkk[j] = (dki[j] + dke[j] * ecl[j]) * einv[j]
+                if before:  # Qd_{i+1} = q_{i+1} e^{c_i}
+                    if i + 1 < C:
+                        qn, dqn = q[m, i + 1], dQd[m, i + 1]
+                        for j in range(D):
+                            r[j] += dqn[j] * qn[j] / einv[j]
+                    if i > 0:
+                        for j in range(D):
+                            eq[j] = fast_exp(cs[i - 1, j])
+                    else:
+                        for j in range(D):
+                            eq[j] = one
+                else:
+                    for j in range(D):
+                        eq[j] = one / einv[j]
+                    for j in range(D):
+                        r[j] += dqd[j] * qi[j] * eq[j]
+                if i == C - 1:
+                    for j in range(D):
+                        r[j] += last[j]
+                for j in range(D):
+                    dqi[j] = dqd[j] * eq[j]
+                for j in range(D):
+                    dgi[j] = r[j]
+
+
+class _GLADecays(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, g, before):
+        Qd, Ki, Ke = torch.empty_like(q), torch.empty_like(k), torch.empty_like(k)
+        c_last = k.new_empty(k.shape[0], k.shape[2])
+        _set_threads()
+        _gla_decays(q.numpy(), k.numpy(), g.numpy(), before, Qd.numpy(), Ki.numpy(), Ke.numpy(), c_last.numpy())
+        ctx.save_for_backward(q, k, g)
+        ctx.before = before
+        return Qd, Ki, Ke, c_last
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dQd, dKi, dKe, dcl):
+        q, k, g = ctx.saved_tensors
+        dense = lambda t, like: torch.zeros_like(like) if t is None else t.contiguous()  # noqa: E731
+        dQd, dKi, dKe = dense(dQd, q), dense(dKi, k), dense(dKe, k)
+        dcl = k.new_zeros(k.shape[0], k.shape[2]) if dcl is None else dcl.contiguous()
+        dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
+        _set_threads()
+        _gla_decays_backward(q.numpy(), k.numpy(), g.numpy(), ctx.before, dQd.numpy(), dKi.numpy(), dKe.numpy(),
+                             dcl.numpy(), dq.numpy(), dk.numpy(), dg.numpy())
+        return dq, dk, dg, None
+
+
+def can_gla_decays(k: torch.Tensor) -> bool:
+    return enabled() and k.device.type == "cpu" and k.dtype in (torch.float32, torch.float64)
+
+
+def gla_decays(q, k, g, before: bool):
+    """(Qd, Ki, Ke, c_last) of GLA's factored chunk form (see above) for q, k, g [..., C, d_k];
+    c_last [..., 1, d_k]. Compiled, CPU."""
+    lead = k.shape[:-2]
+    flat = lambda t: t.reshape(-1, *t.shape[-2:]).contiguous()  # noqa: E731
+    Qd, Ki, Ke, c_last = _GLADecays.apply(flat(q), flat(k), flat(g), bool(before))
+    return Qd.view(q.shape), Ki.view(k.shape), Ke.view(k.shape), c_last.view(*lead, 1, k.shape[-1])
+
+
 # -------------------------------------------------------------------------- LSTM / GRU gates
 # The elementwise part of one LSTM or GRU step (recur.ops.cells), forward and backward, on
 # [rows, gates * d] slices (rows = streams x batch): one call in place of 8-14 PyTorch ops,

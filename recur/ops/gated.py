@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from recur.ops import trace
+from recur.ops import compiled, trace
 from recur.ops.scan import fast_scan
 
 MODES = ("reference", "chunk", "parallel")
@@ -271,24 +271,23 @@ def _chunked(q, k, v, g, S, chunk_size: int, before: bool, u):
     if pad:  # padding steps have k = v = 0 and alpha = 1: they leave the state unchanged
         q, k, v, g = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, g))
     q, k, v, g = (rearrange(t, "b h (n c) d -> b h n c d", c=chunk_size) for t in (q, k, v, g))
-    c = g.cumsum(dim=-2)  # log decay from the chunk start through step i (inclusive)
-    c_last = c[..., -1:, :]  # [b, h, n, 1, G]
-    # The query's log decay: through step i, or through step i-1 when it reads the state
-    # before the update (the exclusive cumulative sum, shifted so c_{i-1} - c_{i-1} is exactly 0).
-    cq = F.pad(c[..., :-1, :], (0, 0, 1, 0)) if before else c
-
     C = chunk_size
     limit = FACTOR_LIMIT.get(q.dtype)
-    if c.shape[-1] > 1 and limit is not None and bool((c_last >= -limit).all()):
+    with torch.no_grad():
+        factor = g.shape[-1] > 1 and limit is not None and bool((g.sum(-2) >= -limit).all())
+    if factor:
         # Per-dimension decays small enough to factor through the chunk start (see
         # _intra_scores): e^{cq} and e^{-c} serve the intra-chunk scores, the state update
         # (e^{c_last - c} = e^{c_last} e^{-c}) and the read of the entering state alike.
-        e_c = c.exp()  # in [e^-limit, 1]: dividing by it is safe and saves an exp
-        q_dec, k_inv = q * (cq.exp() if before else e_c), k / e_c
+        q_dec, k_inv, k_end, c_last = _factored_decays(q, k, g, before)
         causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if before else 0)
         scores = (q_dec @ k_inv.transpose(-1, -2)).masked_fill(~causal, 0.0)
-        k_end = k_inv * c_last.exp()
     else:
+        c = g.cumsum(dim=-2)  # log decay from the chunk start through step i (inclusive)
+        c_last = c[..., -1:, :]  # [b, h, n, 1, G]
+        # The query's log decay: through step i, or through step i-1 when it reads the state
+        # before the update (the exclusive cumulative sum, shifted so c_{i-1} - c_{i-1} is exactly 0).
+        cq = F.pad(c[..., :-1, :], (0, 0, 1, 0)) if before else c
         scores = _intra_scores(q, k, cq, c, strict=before)  # contributions of steps inside the same chunk
         q_dec, k_end = q * cq.exp(), k * (c_last - c).exp()
     if u is not None:  # the bonus is the diagonal of the intra-chunk scores
@@ -307,6 +306,21 @@ def _chunked(q, k, v, g, S, chunk_size: int, before: bool, u):
     o[:, :, 1:] += q_dec[:, :, 1:] @ states[:, :, :-1]
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]
     return o, states[:, :, -1]
+
+
+def _factored_decays(q, k, g, before: bool):
+    """(q e^{cq}, k e^{-c}, k e^{c_last - c}, c_last) for c = the chunk's cumulative sum of g
+    (per key dimension, every c_last >= -FACTOR_LIMIT) and cq = c, or c shifted by one step
+    when the output reads the state before the update. CPU: one compiled pass each way
+    (``compiled.gla_decays``); elsewhere PyTorch ops."""
+    if compiled.can_gla_decays(k):
+        return compiled.gla_decays(q, k, g, before)
+    c = g.cumsum(dim=-2)
+    c_last = c[..., -1:, :]
+    e_c = c.exp()  # in [e^-limit, 1]: dividing by it is safe and saves an exp
+    q_dec = q * (F.pad(c[..., :-1, :], (0, 0, 1, 0)).exp() if before else e_c)
+    k_inv = k / e_c
+    return q_dec, k_inv, k_inv * c_last.exp(), c_last
 
 
 def _intra_scores(q, k, cq, ck, strict: bool):
