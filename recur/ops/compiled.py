@@ -513,7 +513,7 @@ def can_delta_masks(KK: torch.Tensor) -> bool:
 
 if numba is not None:
 
-    @njit(cache=True, error_model="numpy", fastmath={"contract"})
+    @njit(cache=True, error_model="numpy", fastmath={"contract"}, inline="always")
     def _decay_row(g, i, decayed, D):  # pragma: no cover - compiled
         # D[j] = e^{g_i - g_j} for j <= i (1 without decay); D[j] for j > i is left alone
         if decayed:
@@ -523,6 +523,20 @@ if numba is not None:
             for j in range(i + 1):
                 D[j] = 1.0
 
+    @njit(cache=True, error_model="numpy", fastmath={"contract"}, inline="always")
+    def _mask_row(b, x, y, D, i, out_x, out_y):  # pragma: no cover - compiled
+        # row i of strict_lower(b x D) and lower(y D); one store per loop, every loop from 0:
+        # the forms LLVM vectorises
+        C = x.shape[0]
+        for j in range(i):
+            out_x[j] = b * x[j] * D[j]
+        for j in range(C - i):
+            out_x[i + j] = 0.0
+        for j in range(i + 1):
+            out_y[j] = y[j] * D[j]
+        for j in range(C - i - 1):
+            out_y[i + 1 + j] = 0.0
+
     @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract"})
     def _delta_masks(KK, QK, g, beta, A, P):  # pragma: no cover - compiled
         M, C, _ = KK.shape
@@ -531,16 +545,7 @@ if numba is not None:
             D = np.empty(C, dtype=KK.dtype)
             for i in range(C):
                 _decay_row(g[m], i, decayed, D)
-                b, kk, qk, a, p = beta[m, i], KK[m, i], QK[m, i], A[m, i], P[m, i]
-                # one store per loop, every loop from 0: the forms LLVM vectorises
-                for j in range(i):
-                    a[j] = b * kk[j] * D[j]
-                for j in range(C - i):
-                    a[i + j] = 0.0
-                for j in range(i + 1):
-                    p[j] = qk[j] * D[j]
-                for j in range(C - i - 1):
-                    p[i + 1 + j] = 0.0
+                _mask_row(beta[m, i], KK[m, i], QK[m, i], D, i, A[m, i], P[m, i])
 
     @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
     def _delta_masks_backward(KK, QK, g, beta, dA, dP, dKK, dQK, dg, dbeta):  # pragma: no cover - compiled
@@ -554,14 +559,7 @@ if numba is not None:
             for i in range(C):
                 _decay_row(g[m], i, decayed, D)
                 b, kk, qk, da, dp, dkk, dqk = beta[m, i], KK[m, i], QK[m, i], dA[m, i], dP[m, i], dKK[m, i], dQK[m, i]
-                for j in range(i):
-                    dkk[j] = da[j] * b * D[j]
-                for j in range(C - i):
-                    dkk[i + j] = 0.0
-                for j in range(i + 1):
-                    dqk[j] = dp[j] * D[j]
-                for j in range(C - i - 1):
-                    dqk[i + 1 + j] = 0.0
+                _mask_row(b, da, dp, D, i, dkk, dqk)  # dKK, dQK: the same masks and scalings
                 db = zero
                 for j in range(i):
                     db += da[j] * kk[j] * D[j]
@@ -653,6 +651,13 @@ if numba is not None:
             if decayed:
                 cd[m] = fast_exp(g[m, C - 1])
 
+    @njit(cache=True, fastmath={"contract", "reassoc"}, inline="always")
+    def _dot(a, b):  # pragma: no cover - compiled
+        acc = np.zeros(1, dtype=a.dtype)[0]
+        for j in range(a.shape[0]):
+            acc += a[j] * b[j]
+        return acc
+
     @njit(parallel=True, cache=True, error_model="numpy", fastmath={"contract", "reassoc"})
     def _delta_inputs_backward(q, k, v, beta, g, dRw, dRv, dQd, dKd, dcd, dq, dk, dv, dbeta, dg):  # pragma: no cover - compiled
         M, C, Dk = k.shape
@@ -665,24 +670,14 @@ if numba is not None:
                 b = beta[m, i]
                 ki, dki, drw = k[m, i], dk[m, i], dRw[m, i]
                 vi, dvi, drv = v[m, i], dv[m, i], dRv[m, i]
-                rwk = zero
-                for j in range(Dk):
-                    rwk += drw[j] * ki[j]
-                rvv = zero
-                for j in range(Dv):
-                    rvv += drv[j] * vi[j]
+                rwk, rvv = _dot(drw, ki), _dot(drv, vi)
                 for j in range(Dv):
                     dvi[j] = b * drv[j]
                 if decayed:
                     eg = fast_exp(g[m, i])
                     er = fast_exp(g[m, C - 1] - g[m, i])
                     qi, dqi, dqd, dkd = q[m, i], dq[m, i], dQd[m, i], dKd[m, i]
-                    qq = zero
-                    for j in range(Dk):
-                        qq += dqd[j] * qi[j]
-                    kk = zero
-                    for j in range(Dk):
-                        kk += dkd[j] * ki[j]
+                    qq, kk = _dot(dqd, qi), _dot(dkd, ki)
                     for j in range(Dk):
                         dqi[j] = eg * dqd[j]
                     bw = b * eg
