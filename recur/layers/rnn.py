@@ -165,8 +165,9 @@ class _TorchLayoutCell(Mixer):
     def _loop(self, u, w_hh, b_hh, *states):
         """The recurrence over time. u [time, streams, batch, gates*head_dim] (input projections, a
         temporary the loop may overwrite), w_hh [streams, head_dim, gates*head_dim], b_hh
-        [streams, 1, gates*head_dim], states [streams, batch, head_dim]; returns (h_t for every t [time, streams, batch, head_dim],
-        final states). The fused loops of ``recur.ops.cells`` (hand-written BPTT)."""
+        [streams, 1, gates*head_dim], states [streams, batch, head_dim]; returns (h_t for every t
+        [time, streams, batch, head_dim], final states). The fused loops of ``recur.ops.cells``
+        (hand-written BPTT)."""
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, num_layers={self.num_layers}, bidirectional={self.bidirectional}, "
