@@ -72,7 +72,7 @@ class _LSTM(torch.autograd.Function):
         cs = _touched((T + 1, *c0.shape), u)
         hs[0], cs[0] = h0, c0
         recurrent = _Matmul(w, h0.shape[1])
-        fused = compiled.can_cells(u)  # CPU: the gate arithmetic of a step in one compiled call
+        fused = compiled.can_real(u)  # CPU: the gate arithmetic of a step in one compiled call
         if fused:
             g_np, c_np, h_np = _rows(gates), _rows(cs), _rows(hs)
         for t in range(T):
@@ -99,7 +99,7 @@ class _LSTM(torch.autograd.Function):
         dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
         dc = torch.zeros_like(cs[0]) if grad_c is None else grad_c.clone()
         recurrent = _Matmul(w.transpose(1, 2), hs.shape[2])
-        fused = compiled.can_cells(gates)
+        fused = compiled.can_real(gates)
         if fused:  # dc is updated in place through dc_np; dh is the matmul's (contiguous) output
             gy = torch.zeros_like(hs[:1]) if grad_ys is None else grad_ys.contiguous()
             dh, dc = dh.contiguous(), dc.contiguous()
@@ -148,7 +148,7 @@ class _Matmul:
 
 
 def _can_pack(w: torch.Tensor) -> bool:
-    return (compiled.can_cells(w) and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return (compiled.can_real(w) and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and _HAS_PACKED_LINEAR)
 
 
@@ -214,7 +214,7 @@ class _GRU(torch.autograd.Function):
         hs = _touched((T + 1, *h0.shape), u)
         hs[0] = h0
         recurrent = _Matmul(w, h0.shape[1], bias=b)
-        fused = compiled.can_cells(u)  # CPU: the gate arithmetic of a step in one compiled call
+        fused = compiled.can_real(u)  # CPU: the gate arithmetic of a step in one compiled call
         if fused:
             g_np, vn_np, h_np = _rows(gates), _rows(vn), _rows(hs)
         for t in range(T):
@@ -240,7 +240,7 @@ class _GRU(torch.autograd.Function):
         dv = _touched(gates.shape, gates)
         dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
         recurrent = _Matmul(w.transpose(1, 2), hs.shape[2])
-        fused = compiled.can_cells(gates)
+        fused = compiled.can_real(gates)
         if fused:  # dh is the matmul's (contiguous) output after the first step
             gy = torch.zeros_like(hs[:1]) if grad_ys is None else grad_ys.contiguous()
             dh, dhz = dh.contiguous(), torch.empty_like(hs[0])

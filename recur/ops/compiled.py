@@ -50,6 +50,21 @@ def enabled() -> bool:
     return _ENABLED and numba is not None
 
 
+def can_real(t: torch.Tensor) -> bool:
+    """True if the compiled kernels handle t: kernels on, a CPU tensor, float32 or float64."""
+    return enabled() and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
+def _dense(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """An incoming gradient as a contiguous array for a kernel; zeros where autograd passed None."""
+    return torch.zeros_like(like) if grad is None else grad.contiguous()
+
+
+def _no_decay(rows: int, like: torch.Tensor):
+    """The kernels' stand-in for an absent decay: a [rows, 0] array (their ``decayed`` is shape[1] > 0)."""
+    return like.new_empty(rows, 0).numpy()
+
+
 def can_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> bool:
     """True if the compiled scan handles these (already promoted) tensors."""
     return (enabled() and b.device.type == "cpu" and b.dtype in _DTYPES
@@ -194,7 +209,7 @@ SEL_BLOCK = 256  # at most this many channels per work item of the selective sca
 
 
 def can_selective_scan(u: torch.Tensor, h0: torch.Tensor) -> bool:
-    return enabled() and u.device.type == "cpu" and u.dtype in (torch.float32, torch.float64) and h0.dtype == u.dtype
+    return can_real(u) and h0.dtype == u.dtype
 
 
 # The selective-scan kernels keep states as [N, channels] (A as At [N, D]), so every innermost
@@ -340,7 +355,7 @@ class _SelectiveScan(torch.autograd.Function):
         _set_threads()
         block = _block(Bsz, D, SEL_BLOCK)
         n_blocks = (D + block - 1) // block
-        gy = torch.zeros_like(u) if gy is None else gy.contiguous()
+        gy = _dense(gy, u)
         gh_last = torch.zeros(Bsz, N, D, dtype=u.dtype) if gh_last is None else gh_last.transpose(1, 2).contiguous()
         gu, gdt, gh0 = torch.empty_like(u), torch.empty_like(u), torch.empty(Bsz, N, D, dtype=u.dtype)
         gAt_part = torch.zeros(Bsz, N, D, dtype=u.dtype)
@@ -435,7 +450,7 @@ def scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor
 # with G the gradient reaching X:  dR = (I + L)^{-T} G  (back substitution with L^T) and
 # dL = -strict_lower(dR X^T).
 def can_tri_solve(L: torch.Tensor, R: torch.Tensor) -> bool:
-    return enabled() and R.device.type == "cpu" and R.dtype in (torch.float32, torch.float64) and L.dtype == R.dtype
+    return can_real(R) and L.dtype == R.dtype
 
 
 if numba is not None:
@@ -507,10 +522,6 @@ def unit_lower_solve(L: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
 #     dbeta_i = sum_j dA_ij KK_ij D_ij,
 #     X_ij = dKK_ij KK_ij + dQK_ij QK_ij  (each term's derivative in g_i - g_j is the term itself),
 #     dg_i = sum_j X_ij - sum_j X_ji.
-def can_delta_masks(KK: torch.Tensor) -> bool:
-    return enabled() and KK.device.type == "cpu" and KK.dtype in (torch.float32, torch.float64)
-
-
 if numba is not None:
 
     @njit(cache=True, error_model="numpy", fastmath={"contract"}, inline="always")
@@ -580,7 +591,7 @@ class _DeltaMasks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, KK, QK, g, beta):
         A, P = torch.empty_like(KK), torch.empty_like(QK)
-        g_np = KK.new_empty(KK.shape[0], 0).numpy() if g is None else g.numpy()
+        g_np = _no_decay(KK.shape[0], KK) if g is None else g.numpy()
         _set_threads()
         _delta_masks(KK.numpy(), QK.numpy(), g_np, beta.numpy(), A.numpy(), P.numpy())
         ctx.save_for_backward(KK, QK, beta, *(() if g is None else (g,)))
@@ -590,11 +601,10 @@ class _DeltaMasks(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dA, dP):
         KK, QK, beta, *g = ctx.saved_tensors
-        dA = torch.zeros_like(KK) if dA is None else dA.contiguous()
-        dP = torch.zeros_like(QK) if dP is None else dP.contiguous()
+        dA, dP = _dense(dA, KK), _dense(dP, QK)
         dKK, dQK = torch.empty_like(KK), torch.empty_like(QK)
         dg, dbeta = torch.empty_like(beta), torch.empty_like(beta)
-        g_np = KK.new_empty(KK.shape[0], 0).numpy() if not g else g[0].numpy()
+        g_np = _no_decay(KK.shape[0], KK) if not g else g[0].numpy()
         _set_threads()
         _delta_masks_backward(KK.numpy(), QK.numpy(), g_np, beta.numpy(), dA.numpy(), dP.numpy(),
                               dKK.numpy(), dQK.numpy(), dg.numpy(), dbeta.numpy())
@@ -701,7 +711,7 @@ class _DeltaInputs(torch.autograd.Function):
         Rw, Rv = torch.empty_like(k), torch.empty_like(v)
         Qd, Kd = (torch.empty_like(q), torch.empty_like(k)) if decayed else (k[:0], k[:0])
         cd = beta.new_empty(beta.shape[0]) if decayed else beta[:0, 0]
-        g_np = g.numpy() if decayed else beta.new_empty(beta.shape[0], 0).numpy()
+        g_np = g.numpy() if decayed else _no_decay(beta.shape[0], beta)
         _set_threads()
         _delta_inputs(q.numpy(), k.numpy(), v.numpy(), beta.numpy(), g_np, Rw.numpy(), Rv.numpy(), Qd.numpy(),
                       Kd.numpy(), cd.numpy())
@@ -712,24 +722,19 @@ class _DeltaInputs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dRw, dRv, *decay_grads):
         q, k, v, beta, *g = ctx.saved_tensors
-        dense = lambda t, like: torch.zeros_like(like) if t is None else t.contiguous()  # noqa: E731
-        dRw, dRv = dense(dRw, k), dense(dRv, v)
+        dRw, dRv = _dense(dRw, k), _dense(dRv, v)
         if g:
-            dQd, dKd, dcd = dense(decay_grads[0], q), dense(decay_grads[1], k), dense(decay_grads[2], beta[:, 0])
+            dQd, dKd, dcd = _dense(decay_grads[0], q), _dense(decay_grads[1], k), _dense(decay_grads[2], beta[:, 0])
             dq, dg, g_np = torch.empty_like(q), torch.empty_like(beta), g[0].numpy()
         else:
             dQd = dKd = k[:0]
-            dcd, dq, dg, g_np = beta[:0, 0], k[:0], beta[:0], beta.new_empty(beta.shape[0], 0).numpy()
+            dcd, dq, dg, g_np = beta[:0, 0], k[:0], beta[:0], _no_decay(beta.shape[0], beta)
         dk, dv, dbeta = torch.empty_like(k), torch.empty_like(v), torch.empty_like(beta)
         _set_threads()
         _delta_inputs_backward(q.numpy(), k.numpy(), v.numpy(), beta.numpy(), g_np, dRw.numpy(), dRv.numpy(),
                                dQd.numpy(), dKd.numpy(), dcd.numpy(), dq.numpy(), dk.numpy(), dv.numpy(),
                                dbeta.numpy(), dg.numpy())
         return (dq if g else None), dk, dv, dbeta, (dg if g else None)
-
-
-def can_delta_inputs(k: torch.Tensor) -> bool:
-    return enabled() and k.device.type == "cpu" and k.dtype in (torch.float32, torch.float64)
 
 
 def delta_inputs(q, k, v, beta, g):
@@ -763,12 +768,10 @@ if numba is not None:
         for m in prange(M):
             acc = np.zeros(D, dtype=np.float64)
             c = np.zeros(D, dtype=k.dtype)  # acc rounded
-            e = np.empty(D, dtype=k.dtype)
+            e = np.ones(D, dtype=k.dtype)  # e^{c}: of the previous step until updated
             for i in range(C):
                 qi, ki, gi, qd, kin = q[m, i], k[m, i], g[m, i], Qd[m, i], Ki[m, i]
-                if before:
-                    for j in range(D):
-                        e[j] = fast_exp(c[j])
+                if before:  # e^{c_{i-1}}, from the previous step (e^0 = 1 at the chunk start)
                     for j in range(D):
                         qd[j] = qi[j] * e[j]
                 for j in range(D):
@@ -785,9 +788,7 @@ if numba is not None:
             cl = c_last[m]
             for j in range(D):
                 cl[j] = c[j]
-            for j in range(D):
-                e[j] = fast_exp(c[j])
-            for i in range(C):
+            for i in range(C):  # e is e^{c_last} now
                 kin, ke = Ki[m, i], Ke[m, i]
                 for j in range(D):
                     ke[j] = kin[j] * e[j]
@@ -796,59 +797,58 @@ if numba is not None:
     def _gla_decays_backward(q, k, g, before, dQd, dKi, dKe, dcl, dq, dk, dg):  # pragma: no cover - compiled
         # the sums over positions (c, and the reverse sum giving dg) accumulate in float64
         M, C, D = k.shape
+        one = np.ones(1, dtype=k.dtype)[0]
         for m in prange(M):
-            cs = np.empty((C, D), dtype=k.dtype)  # c_i
+            ecs = np.empty((C, D), dtype=k.dtype)  # e^{c_i}, each exp taken once
             acc = np.zeros(D, dtype=np.float64)
+            c = np.empty(D, dtype=k.dtype)
             for i in range(C):
-                gi, ci = g[m, i], cs[i]
+                gi, ei = g[m, i], ecs[i]
                 for j in range(D):
                     acc[j] += gi[j]
                 for j in range(D):
-                    ci[j] = acc[j]
-            ecl = np.empty(D, dtype=k.dtype)
-            for j in range(D):
-                ecl[j] = fast_exp(cs[C - 1, j])
+                    c[j] = acc[j]
+                for j in range(D):
+                    ei[j] = fast_exp(c[j])
+            ecl = ecs[C - 1]
             last = np.zeros(D, dtype=np.float64)  # the gradient reaching c_last
             for j in range(D):
                 last[j] = dcl[m, j]
             for i in range(C):
-                ki, dke, ci = k[m, i], dKe[m, i], cs[i]
+                ki, dke, ei = k[m, i], dKe[m, i], ecs[i]
                 for j in range(D):
-                    last[j] += dke[j] * ki[j] * ecl[j] / fast_exp(ci[j])
+                    last[j] += dke[j] * ki[j] * ecl[j] / ei[j]
             r = np.zeros(D, dtype=np.float64)  # sum over i' >= i of dc_i'
             einv = np.empty(D, dtype=k.dtype)
-            eq = np.empty(D, dtype=k.dtype)
-            one = np.ones(1, dtype=k.dtype)[0]
             for i in range(C - 1, -1, -1):
-                qi, ki, ci, dqd, dki, dke = q[m, i], k[m, i], cs[i], dQd[m, i], dKi[m, i], dKe[m, i]
+                qi, ki, ei, dqd, dki, dke = q[m, i], k[m, i], ecs[i], dQd[m, i], dKi[m, i], dKe[m, i]
                 dqi, dkk, dgi = dq[m, i], dk[m, i], dg[m, i]
                 for j in range(D):
-                    einv[j] = one / fast_exp(ci[j])
+                    einv[j] = one / ei[j]
                 for j in range(D):  # the keys' terms (Ki_i = k_i e^{-c_i}, Ke_i = Ki_i e^{c_last})
                     r[j] -= (dki[j] + dke[j] * ecl[j]) * ki[j] * einv[j]
                 for j in range(D):
                     dkk[j] = (dki[j] + dke[j] * ecl[j]) * einv[j]
-                if before:  # Qd_{i+1} = q_{i+1} e^{c_i}
+                if before:  # Qd_{i+1} = q_{i+1} e^{c_i}; Qd_i = q_i e^{c_{i-1}}
                     if i + 1 < C:
                         qn, dqn = q[m, i + 1], dQd[m, i + 1]
                         for j in range(D):
-                            r[j] += dqn[j] * qn[j] / einv[j]
+                            r[j] += dqn[j] * qn[j] * ei[j]
                     if i > 0:
+                        ep = ecs[i - 1]
                         for j in range(D):
-                            eq[j] = fast_exp(cs[i - 1, j])
+                            dqi[j] = dqd[j] * ep[j]
                     else:
                         for j in range(D):
-                            eq[j] = one
+                            dqi[j] = dqd[j]
                 else:
                     for j in range(D):
-                        eq[j] = one / einv[j]
+                        r[j] += dqd[j] * qi[j] * ei[j]
                     for j in range(D):
-                        r[j] += dqd[j] * qi[j] * eq[j]
+                        dqi[j] = dqd[j] * ei[j]
                 if i == C - 1:
                     for j in range(D):
                         r[j] += last[j]
-                for j in range(D):
-                    dqi[j] = dqd[j] * eq[j]
                 for j in range(D):
                     dgi[j] = r[j]
 
@@ -868,18 +868,13 @@ class _GLADecays(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dQd, dKi, dKe, dcl):
         q, k, g = ctx.saved_tensors
-        dense = lambda t, like: torch.zeros_like(like) if t is None else t.contiguous()  # noqa: E731
-        dQd, dKi, dKe = dense(dQd, q), dense(dKi, k), dense(dKe, k)
-        dcl = k.new_zeros(k.shape[0], k.shape[2]) if dcl is None else dcl.contiguous()
+        dQd, dKi, dKe = _dense(dQd, q), _dense(dKi, k), _dense(dKe, k)
+        dcl = _dense(dcl, k[:, 0])
         dq, dk, dg = torch.empty_like(q), torch.empty_like(k), torch.empty_like(g)
         _set_threads()
         _gla_decays_backward(q.numpy(), k.numpy(), g.numpy(), ctx.before, dQd.numpy(), dKi.numpy(), dKe.numpy(),
                              dcl.numpy(), dq.numpy(), dk.numpy(), dg.numpy())
         return dq, dk, dg, None
-
-
-def can_gla_decays(k: torch.Tensor) -> bool:
-    return enabled() and k.device.type == "cpu" and k.dtype in (torch.float32, torch.float64)
 
 
 def gla_decays(q, k, g, before: bool):
@@ -902,10 +897,6 @@ def gla_decays(q, k, g, before: bool):
 # range(2d, 3d) stayed scalar), and stores into one array; a loop that reads one gate of a row
 # and writes another gate of the same row is not vectorised, so such values go through
 # another array first.
-def can_cells(t: torch.Tensor) -> bool:
-    return enabled() and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
-
-
 if numba is not None:
 
     # Each kernel takes whole [time, rows, .] arrays and the step t: indexing in Python (and

@@ -218,7 +218,7 @@ def _scaled_inputs(q, k, v, beta, g):
     also Q and K decayed from the chunk start and to the chunk end, and the chunk's total decay:
     (Rw, Rv, diag(e^g) Q, diag(e^{g_last - g}) K, e^{g_last}). CPU: one compiled pass each way
     (``compiled.delta_inputs``); elsewhere PyTorch ops."""
-    if compiled.can_delta_inputs(k):
+    if compiled.can_real(k):
         return compiled.delta_inputs(q, k, v, beta, g)
     if g is None:
         return beta[..., None] * k, beta[..., None] * v
@@ -247,7 +247,7 @@ def _masks(KK, QK, g, beta):
     """A = strict_lower(diag(beta) KK * D) and P = lower(QK * D), D_ij = e^{g_i - g_j} (all ones
     when g is None), for the chunk blocks KK = K K^T, QK = Q K^T [..., C, C]. CPU: one compiled
     pass each way (``compiled.delta_masks``); elsewhere PyTorch ops."""
-    if compiled.can_delta_masks(KK):
+    if compiled.can_real(KK):
         return compiled.delta_masks(KK, QK, g, beta)
     C = KK.shape[-1]
     causal = torch.ones(C, C, dtype=torch.bool, device=KK.device).tril()

@@ -316,7 +316,7 @@ def _factored_decays(q, k, g, before: bool):
     (per key dimension, every c_last >= -FACTOR_LIMIT) and cq = c, or c shifted by one step
     when the output reads the state before the update. CPU: one compiled pass each way
     (``compiled.gla_decays``); elsewhere PyTorch ops."""
-    if compiled.can_gla_decays(k):
+    if compiled.can_real(k):
         return compiled.gla_decays(q, k, g, before)
     c = g.cumsum(dim=-2)
     c_last = c[..., -1:, :]
