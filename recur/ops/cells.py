@@ -24,7 +24,7 @@ GRU (gate order r, z, n as torch.nn.GRU; u_t = W_ih x_t + b_ih, v_t = h_{t-1} W_
 
 The weight gradients are one batched matmul over all steps after the loop (sum_t h_{t-1}^T dv_t),
 not T small ones. On CPU (float32) the per-step recurrent matmuls use oneDNN with W_hh packed once
-per loop (``_Matmul``) and the gate arithmetic is one compiled call per step (recur.ops.compiled). Shapes: u [time, streams, batch, gates * d] (streams: directions x heads of a
+per loop (``_Matmul``) and the gate arithmetic is one compiled call per step (recur.ops.cells_kernels). Shapes: u [time, streams, batch, gates * d] (streams: directions x heads of a
 layer, run side by side), w [streams, d, gates * d] (W_hh^T per stream), b [streams, 1, gates * d],
 h0, c0 [streams, batch, d]. The plain autograd loops (``lstm_reference``, ``gru_reference``) are
 the oracles the tests hold these to; double backward is not supported (use the references).
@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from recur.ops import compiled
+from recur.ops import cells_kernels, kernels
 
 
 # ----------------------------------------------------------------------------- references
@@ -72,13 +72,13 @@ class _LSTM(torch.autograd.Function):
         cs = _touched((T + 1, *c0.shape), u)
         hs[0], cs[0] = h0, c0
         recurrent = _Matmul(w, h0.shape[1])
-        fused = compiled.can_real(u)  # CPU: the gate arithmetic of a step in one compiled call
+        fused = kernels.can_real(u)  # CPU: the gate arithmetic of a step in one compiled call
         if fused:
             g_np, c_np, h_np = _rows(gates), _rows(cs), _rows(hs)
         for t in range(T):
             v = recurrent(hs[t])
             if fused:
-                compiled.lstm_step(_rows(v)[0], g_np, c_np, h_np, t)
+                cells_kernels.lstm_step(_rows(v)[0], g_np, c_np, h_np, t)
             else:
                 a = gates[t].add_(v)
                 a[..., : 2 * d].sigmoid_()
@@ -99,14 +99,14 @@ class _LSTM(torch.autograd.Function):
         dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
         dc = torch.zeros_like(cs[0]) if grad_c is None else grad_c.clone()
         recurrent = _Matmul(w.transpose(1, 2), hs.shape[2])
-        fused = compiled.can_real(gates)
+        fused = kernels.can_real(gates)
         if fused:  # dc is updated in place through dc_np; dh is the matmul's (contiguous) output
             gy = torch.zeros_like(hs[:1]) if grad_ys is None else grad_ys.contiguous()
             dh, dc = dh.contiguous(), dc.contiguous()
             g_np, c_np, gy_np, dc_np, dg_np = _rows(gates), _rows(cs), _rows(gy), _rows(dc)[0], _rows(dgates)
         for t in range(T - 1, -1, -1):
             if fused:
-                compiled.lstm_step_backward(g_np, c_np, gy_np, _rows(dh)[0], dc_np, dg_np, t)
+                cells_kernels.lstm_step_backward(g_np, c_np, gy_np, _rows(dh)[0], dc_np, dg_np, t)
             else:
                 if grad_ys is not None:
                     dh += grad_ys[t]
@@ -148,7 +148,7 @@ class _Matmul:
 
 
 def _can_pack(w: torch.Tensor) -> bool:
-    return (compiled.can_real(w) and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    return (kernels.can_real(w) and w.dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled and _HAS_PACKED_LINEAR)
 
 
@@ -214,13 +214,13 @@ class _GRU(torch.autograd.Function):
         hs = _touched((T + 1, *h0.shape), u)
         hs[0] = h0
         recurrent = _Matmul(w, h0.shape[1], bias=b)
-        fused = compiled.can_real(u)  # CPU: the gate arithmetic of a step in one compiled call
+        fused = kernels.can_real(u)  # CPU: the gate arithmetic of a step in one compiled call
         if fused:
             g_np, vn_np, h_np = _rows(gates), _rows(vn), _rows(hs)
         for t in range(T):
             v = recurrent(hs[t])  # h_{t-1} W_hh^T + b_hh
             if fused:
-                compiled.gru_step(_rows(v)[0], g_np, vn_np, h_np, t)
+                cells_kernels.gru_step(_rows(v)[0], g_np, vn_np, h_np, t)
             else:
                 a = gates[t]
                 a[..., : 2 * d].add_(v[..., : 2 * d]).sigmoid_()
@@ -240,7 +240,7 @@ class _GRU(torch.autograd.Function):
         dv = _touched(gates.shape, gates)
         dh = torch.zeros_like(hs[0]) if grad_h is None else grad_h.clone()
         recurrent = _Matmul(w.transpose(1, 2), hs.shape[2])
-        fused = compiled.can_real(gates)
+        fused = kernels.can_real(gates)
         if fused:  # dh is the matmul's (contiguous) output after the first step
             gy = torch.zeros_like(hs[:1]) if grad_ys is None else grad_ys.contiguous()
             dh, dhz = dh.contiguous(), torch.empty_like(hs[0])
@@ -248,7 +248,7 @@ class _GRU(torch.autograd.Function):
             du_np, dv_np, dhz_np = _rows(du), _rows(dv), _rows(dhz)[0]
         for t in range(T - 1, -1, -1):
             if fused:  # writes du[t], dv[t] and dhz = (dh + grad_ys[t]) z
-                compiled.gru_step_backward(*arrays, _rows(dh)[0], du_np, dv_np, dhz_np, t)
+                cells_kernels.gru_step_backward(*arrays, _rows(dh)[0], du_np, dv_np, dhz_np, t)
             else:
                 if grad_ys is not None:
                     dh += grad_ys[t]

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from einops import rearrange
 
-from recur.ops import compiled, trace
+from recur.ops import delta_kernels, kernels, trace
 from recur.ops.gated import decayed_scores
 
 MODES = ("reference", "chunk")
@@ -217,9 +217,9 @@ def _scaled_inputs(q, k, v, beta, g):
     """Rw = diag(beta e^g) K and Rv = diag(beta) V, the solves' right-hand sides, and with a decay
     also Q and K decayed from the chunk start and to the chunk end, and the chunk's total decay:
     (Rw, Rv, diag(e^g) Q, diag(e^{g_last - g}) K, e^{g_last}). CPU: one compiled pass each way
-    (``compiled.delta_inputs``); elsewhere PyTorch ops."""
-    if compiled.can_real(k):
-        return compiled.delta_inputs(q, k, v, beta, g)
+    (``delta_kernels.delta_inputs``); elsewhere PyTorch ops."""
+    if kernels.can_real(k):
+        return delta_kernels.delta_inputs(q, k, v, beta, g)
     if g is None:
         return beta[..., None] * k, beta[..., None] * v
     e_g = g.exp()[..., None]
@@ -246,9 +246,9 @@ class _Gram(torch.autograd.Function):
 def _masks(KK, QK, g, beta):
     """A = strict_lower(diag(beta) KK * D) and P = lower(QK * D), D_ij = e^{g_i - g_j} (all ones
     when g is None), for the chunk blocks KK = K K^T, QK = Q K^T [..., C, C]. CPU: one compiled
-    pass each way (``compiled.delta_masks``); elsewhere PyTorch ops."""
-    if compiled.can_real(KK):
-        return compiled.delta_masks(KK, QK, g, beta)
+    pass each way (``delta_kernels.delta_masks``); elsewhere PyTorch ops."""
+    if kernels.can_real(KK):
+        return delta_kernels.delta_masks(KK, QK, g, beta)
     C = KK.shape[-1]
     causal = torch.ones(C, C, dtype=torch.bool, device=KK.device).tril()
     if g is None:
@@ -260,11 +260,11 @@ def _masks(KK, QK, g, beta):
 def _unit_lower_solve_pair(L, R1, R2):
     """((I + L)^{-1} R1, (I + L)^{-1} R2) for strictly lower triangular L [..., C, C].
 
-    CPU: two compiled forward substitutions (recur.ops.compiled.unit_lower_solve, 3x faster
+    CPU: two compiled forward substitutions (recur.ops.delta_kernels.unit_lower_solve, 3x faster
     than LAPACK's batched solve here, which also copies to column-major); elsewhere one
     ``solve_triangular`` with both right-hand sides side by side."""
-    if compiled.can_tri_solve(L, R1):
-        return compiled.unit_lower_solve(L, R1), compiled.unit_lower_solve(L, R2)
+    if delta_kernels.can_tri_solve(L, R1):
+        return delta_kernels.unit_lower_solve(L, R1), delta_kernels.unit_lower_solve(L, R2)
     eye = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)
     X = torch.linalg.solve_triangular(eye + L, torch.cat([R1, R2], dim=-1), upper=False, unitriangular=True)
     return X.split([R1.shape[-1], R2.shape[-1]], dim=-1)

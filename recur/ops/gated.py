@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from recur.ops import compiled, trace
+from recur.ops import gated_kernels, kernels, trace
 from recur.ops.scan import fast_scan
 
 MODES = ("reference", "chunk", "parallel")
@@ -315,9 +315,9 @@ def _factored_decays(q, k, g, before: bool):
     """(q e^{cq}, k e^{-c}, k e^{c_last - c}, c_last) for c = the chunk's cumulative sum of g
     (per key dimension, every c_last >= -FACTOR_LIMIT) and cq = c, or c shifted by one step
     when the output reads the state before the update. CPU: one compiled pass each way
-    (``compiled.gla_decays``); elsewhere PyTorch ops."""
-    if compiled.can_real(k):
-        return compiled.gla_decays(q, k, g, before)
+    (``gated_kernels.gla_decays``); elsewhere PyTorch ops."""
+    if kernels.can_real(k):
+        return gated_kernels.gla_decays(q, k, g, before)
     c = g.cumsum(dim=-2)
     c_last = c[..., -1:, :]
     e_c = c.exp()  # in [e^-limit, 1]: dividing by it is safe and saves an exp

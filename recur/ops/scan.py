@@ -12,7 +12,7 @@
 
 * ``reference``: the loop above; the oracle.
 * ``chunk``: on CPU with numba (a dependency), the compiled single-pass kernel of
-  ``recur.ops.compiled`` (set ``RECUR_COMPILED=0`` to turn it off); elsewhere (CUDA) a
+  ``recur.ops.scan_kernels`` (set ``RECUR_COMPILED=0`` to turn it off); elsewhere (CUDA) a
   two-level scan: time is cut into n chunks of ``chunk_size``. One Python loop of chunk_size steps runs the recurrence inside every chunk at once from a zero
   state, keeping the running product P of the decays since the chunk start; a second
   loop of n steps passes the state between chunks; a fix-up adds each chunk's entering
@@ -41,7 +41,7 @@ import math
 import torch
 from einops import rearrange
 
-from recur.ops import compiled, trace
+from recur.ops import scan_kernels, trace
 
 MODES = ("reference", "chunk")
 
@@ -92,8 +92,8 @@ def fast_scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk_size
     [batch, *dims] already in one working dtype. CPU: the compiled kernel; elsewhere the
     two-level chunked scan.
     """
-    if compiled.can_scan(log_a, b, h0):  # CPU: one fused pass over memory (numba)
-        return compiled.scan(log_a, b, h0)
+    if scan_kernels.can_scan(log_a, b, h0):  # CPU: one fused pass over memory (numba)
+        return scan_kernels.scan(log_a, b, h0)
     return _chunked(log_a, b, h0, chunk_size)
 
 

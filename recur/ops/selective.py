@@ -9,7 +9,7 @@
 Modes (equal to ``reference`` up to summation order):
 
 * ``reference``: the loop above, one step at a time; the oracle.
-* ``chunk``: on CPU with numba, one compiled pass (``recur.ops.compiled``): each thread runs a
+* ``chunk``: on CPU with numba, one compiled pass (``recur.ops.selective_kernels``): each thread runs a
   block of channels through time keeping only h [block, N], so no [batch, time, D, N] tensor
   exists; backward recomputes h from checkpoints every ``CHECKPOINT`` steps. Elsewhere
   (CUDA, or RECUR_COMPILED=0): blocks of chunk_size^2 steps, each a two-level
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from recur.ops import compiled, trace
+from recur.ops import selective_kernels, trace
 from recur.ops.scan import diagonal_scan
 
 MODES = ("reference", "chunk")
@@ -43,8 +43,8 @@ def selective_scan(u, dt, A, B, C, h0=None, *, mode: str = "chunk", chunk_size: 
     h = u.new_zeros(batch, D, A.shape[1]) if h0 is None else h0.to(work)
     if mode == "reference":
         y, h = _reference(u, dt, A, B, C, h)
-    elif compiled.can_selective_scan(u, h):
-        y, h = compiled.selective_scan(u, dt, A, B, C, h)
+    elif selective_kernels.can_selective_scan(u, h):
+        y, h = selective_kernels.selective_scan(u, dt, A, B, C, h)
     else:
         y, h = _blocked(u, dt, A, B, C, h, chunk_size)
     trace.record(selective_scan, dict(u=u, dt=dt, A=A, B=B, C=C, h0=h0, mode=mode, chunk_size=chunk_size), "u", "h0", y,

@@ -52,8 +52,8 @@ def test_chunk_equals_reference_forward_and_gradients(path, B, T, D, N, init, ch
 @pytest.mark.parametrize("B,D", [(1, 40), (1, 600), (3, 40)])
 def test_compiled_split_across_threads_equals_reference(B, D):
     """With two threads and fewer rows than threads the compiled kernels split the channels
-    into work items (at most compiled.SEL_BLOCK wide, the last one partial): the split must not
-    change outputs, states or gradients."""
+    into work items (at most selective_kernels.SEL_BLOCK wide, the last one partial): the
+    split must not change outputs, states or gradients."""
     torch.set_num_threads(2)  # the autouse fixture restores one thread for the next test
     args = inputs(B, 130, D, 5, seed=3)
     want = run(args, mode="reference")
