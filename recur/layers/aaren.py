@@ -34,11 +34,10 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split
+from recur.layers.common import merge_heads, split_heads
 from recur.ops.prefix_attention import prefix_softmax_attention
 from recur.registry import register
 from recur.state import State
@@ -64,8 +63,8 @@ class Aaren(Mixer):
     def __init__(self, d_model: int, mode: str | None = None, *, n_heads: int | None = None,
                  head_dim: int | None = None, chunk_size: int = 64):
         super().__init__(d_model, mode)
-        n_heads, head_dim = head_split(d_model, n_heads, head_dim)
-        self.n_heads, self.head_dim, self.chunk_size = n_heads, head_dim, chunk_size
+        n_heads, head_dim = self._init_heads(n_heads, head_dim)
+        self.chunk_size = chunk_size
         inner = n_heads * head_dim
         self.query = nn.Parameter(torch.randn(n_heads, head_dim))
         self.k_proj = nn.Linear(d_model, inner, bias=False)
@@ -78,12 +77,12 @@ class Aaren(Mixer):
                      w=torch.zeros(batch_size, self.n_heads, self.head_dim, device=device, dtype=dtype))
 
     def _forward(self, x, state):
-        k = rearrange(self.k_proj(x), "b t (h d) -> b h t d", h=self.n_heads)
-        v = rearrange(self.v_proj(x), "b t (h d) -> b h t d", h=self.n_heads)
+        k = split_heads(self.k_proj(x), self.n_heads)
+        v = split_heads(self.v_proj(x), self.n_heads)
         scores = torch.einsum("bhtd,hd->bht", k, self.query.to(k.dtype)) / math.sqrt(self.head_dim)
         o, (m, u, w) = prefix_softmax_attention(scores, v, (state["m"], state["u"], state["w"]),
                                                 mode=self.op_mode, chunk_size=self.chunk_size)
-        y = self.o_proj(rearrange(o, "b h t d -> b t (h d)"))
+        y = self.o_proj(merge_heads(o))
         return y, State(m=m, u=u, w=w)
 
     def extra_repr(self) -> str:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
-from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split, positions_from, rotary
+from recur.layers.common import merge_heads, positions_from, rotary, split_heads, window_property
 from recur.ops.attention import attention, attention_step, trim_cache
 from recur.registry import register
 from recur.state import State
@@ -43,8 +42,8 @@ class Attention(Mixer):
     def __init__(self, d_model: int, mode: str | None = None, n_heads: int | None = None, head_dim: int | None = None,
                  rotary_base: float = 10000.0):
         super().__init__(d_model, mode)
-        n_heads, head_dim = head_split(d_model, n_heads, head_dim, even=True)
-        self.n_heads, self.head_dim, self.rotary_base = n_heads, head_dim, rotary_base
+        n_heads, head_dim = self._init_heads(n_heads, head_dim, even=True)
+        self.rotary_base = rotary_base
         inner = n_heads * head_dim
         self.q_proj = nn.Linear(d_model, inner, bias=False)
         self.k_proj = nn.Linear(d_model, inner, bias=False)
@@ -72,15 +71,11 @@ class Attention(Mixer):
         return f"{super().extra_repr()}, n_heads={self.n_heads}, head_dim={self.head_dim}{shown}"
 
     def _forward(self, x, state):
-        T, window = x.shape[1], self.attention_window()
-
-        def heads(t):
-            return rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)
-
+        T, window, H = x.shape[1], self.attention_window(), self.n_heads
         positions = positions_from(state["pos"], T)  # [batch, time]
-        q = rotary(heads(self.q_proj(x)), positions, self.rotary_base)
-        k = rotary(heads(self.k_proj(x)), positions, self.rotary_base)
-        v = heads(self.v_proj(x))  # q, k, v: [batch, heads, time, head_dim]
+        q = rotary(split_heads(self.q_proj(x), H), positions, self.rotary_base)
+        k = rotary(split_heads(self.k_proj(x), H), positions, self.rotary_base)
+        v = split_heads(self.v_proj(x), H)  # q, k, v: [batch, heads, time, head_dim]
         scale = 1.0 / math.sqrt(self.head_dim)
         if self.mode == "parallel":
             k_all = torch.cat([state["k"], k], dim=2)
@@ -96,7 +91,7 @@ class Attention(Mixer):
                 outs.append(attention_step(q[:, :, t], k_all, v_all, window=window, scale=scale))
                 k_cache, v_cache = trim_cache(k_all, window), trim_cache(v_all, window)
             o = torch.stack(outs, dim=2)
-        y = self.o_proj(rearrange(o, "b h t d -> b t (h d)"))
+        y = self.o_proj(merge_heads(o))
         return y, State(pos=state["pos"] + T, k=k_cache, v=v_cache)
 
 
@@ -116,20 +111,11 @@ class SlidingWindowAttention(Attention):
     """
 
     state_formula = "2 * n_heads * head_dim * min(T, window - 1)"
+    window = window_property()
 
     def __init__(self, d_model: int, mode: str | None = None, window: int = 512, **options):
         super().__init__(d_model, mode, **options)
         self.window = window
-
-    @property
-    def window(self) -> int:
-        return self._window
-
-    @window.setter
-    def window(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"window must be an int >= 1 (a query sees itself and window - 1 earlier tokens), got {value!r}")
-        self._window = value
 
     def attention_window(self) -> int:
         return self.window

@@ -1,4 +1,4 @@
-"""The mixer contract (DESIGN.md section 2), enforced in one place.
+"""The mixer contract (docs/design.md section 2), enforced in one place.
 
     y, state = mixer(x, state=None)     # x: [batch, time, d_model]
     state = mixer.init_state(batch_size, device=..., dtype=...)
@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from recur.layers.common import head_split
 from recur.state import State
 
 MODES = ("recurrent", "chunk", "parallel", "conv")
@@ -65,6 +66,16 @@ class Mixer(nn.Module, ABC):
     def op_mode(self) -> str:
         """The primitive's mode for the mixer's mode: "recurrent" runs the primitive's reference loop."""
         return "reference" if self._mode == "recurrent" else self._mode
+
+    # ---------------------------------------------------------- construction
+    def _init_heads(self, n_heads: int | None, head_dim: int | None, *, width: int | None = None,
+                    **options) -> tuple[int, int]:
+        """Sets and returns ``self.n_heads, self.head_dim`` = ``common.head_split`` of ``width``
+        (default d_model) with the given ``n_heads`` / ``head_dim`` and ``options`` (``even``,
+        ``max_head_dim``, ``preferred_head_dim``)."""
+        width = self.d_model if width is None else width
+        self.n_heads, self.head_dim = head_split(width, n_heads, head_dim, **options)
+        return self.n_heads, self.head_dim
 
     # --------------------------------------------------------------- contract
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:

@@ -83,16 +83,17 @@ def positions_from(offset: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def head_split(d_model: int, n_heads: int | None = None, head_dim: int | None = None, *,
-               even: bool = False, max_head_dim: int = 64) -> tuple[int, int]:
+               even: bool = False, max_head_dim: int = 64, preferred_head_dim: int | None = None) -> tuple[int, int]:
     """(n_heads, head_dim) with n_heads * head_dim == d_model, from either, both or neither.
 
-    With neither, head_dim is the largest divisor of d_model that is at most
+    With neither, head_dim is ``preferred_head_dim`` where that divides d_model (RWKV's official
+    64, GateLoop's max-headed 1), else the largest divisor of d_model that is at most
     min(max_head_dim, d_model / 2) (even if ``even``, as rotary needs): at least two heads of
     at most 64 channels (16 -> 2 x 8, 96 -> 2 x 48, 1024 -> 16 x 64).
     """
-    for label, value in (("n_heads", n_heads), ("head_dim", head_dim)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{label} must be a positive int, got {value!r}")
+    positive_ints(None, optional=True, n_heads=n_heads, head_dim=head_dim)
+    if n_heads is None and head_dim is None and preferred_head_dim is not None and d_model % preferred_head_dim == 0:
+        head_dim = preferred_head_dim
     if n_heads is None and head_dim is None:
         cap = max(1, min(max_head_dim, d_model // 2))
         fits = [h for h in range(1, cap + 1) if d_model % h == 0 and (not even or h % 2 == 0)]
@@ -114,21 +115,55 @@ def head_split(d_model: int, n_heads: int | None = None, head_dim: int | None = 
     return n_heads, head_dim
 
 
-def split_heads(t: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[batch, time, heads * d] -> [batch, heads, time, d]."""
-    return rearrange(t, "b t (h d) -> b h t d", h=n_heads)
+HEAD_LAYOUTS = ("b h t d", "b t h d")
 
 
-def merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """[batch, heads, time, d] -> [batch, time, heads * d]."""
-    return rearrange(t, "b h t d -> b t (h d)")
+def split_heads(t: torch.Tensor, n_heads: int, layout: str = "b h t d") -> torch.Tensor:
+    """[batch, time, heads * d] -> [batch, heads, time, d] (``layout`` "b h t d"), or
+    [batch, time, heads, d] (``layout`` "b t h d": heads beside the channels)."""
+    if layout not in HEAD_LAYOUTS:
+        raise ValueError(f"layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
+    return rearrange(t, f"b t (h d) -> {layout}", h=n_heads)
 
 
-def positive_int(name: str, value) -> int:
-    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming ``name``."""
+def merge_heads(t: torch.Tensor, layout: str = "b h t d") -> torch.Tensor:
+    """The inverse of ``split_heads``: [batch, heads, time, d] (or ``layout`` "b t h d":
+    [batch, time, heads, d]) -> [batch, time, heads * d]."""
+    if layout not in HEAD_LAYOUTS:
+        raise ValueError(f"layout must be one of {HEAD_LAYOUTS}, got {layout!r}")
+    return rearrange(t, f"{layout} -> b t (h d)")
+
+
+def positive_int(name: str, value, *, owner: str | None = None, optional: bool = False):
+    """``value`` if it is an int >= 1 (not a bool), or None where ``optional``; else a
+    ValueError naming ``name`` (after ``owner:``, the layer, where given)."""
+    if optional and value is None:
+        return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        where = f"{owner}: " if owner else ""
+        raise ValueError(f"{where}{name} must be a positive int{' or None' if optional else ''}, got {value!r}")
     return value
+
+
+def positive_ints(owner: str | None, *, optional: bool = False, **values) -> None:
+    """``positive_int`` on every keyword argument, in order (the first bad one raises)."""
+    for name, value in values.items():
+        positive_int(name, value, owner=owner, optional=optional)
+
+
+def window_property() -> property:
+    """The attention ``window`` of a sliding-window mixer: settable after construction, checked
+    on every set (an int >= 1), stored as ``_window``."""
+
+    def get(self) -> int:
+        return self._window
+
+    def set(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"window must be an int >= 1 (a query sees itself and window - 1 earlier tokens), got {value!r}")
+        self._window = value
+
+    return property(get, set, doc="Tokens a query sees, itself included.")
 
 
 def logit(p: float) -> float:

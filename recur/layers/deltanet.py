@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv, head_split
+from recur.layers.common import ShortConv, head_split, merge_heads, positive_int, split_heads
 from recur.ops.delta import delta_rule
 from recur.registry import register
 from recur.state import State
@@ -49,8 +49,7 @@ class _DeltaRuleMixer(Mixer):
         norm_eps: float = 1e-5,
     ):
         super().__init__(d_model, mode)
-        if isinstance(expand_v, bool) or not isinstance(expand_v, int) or expand_v < 1:
-            raise ValueError(f"expand_v must be a positive int, got {expand_v!r}")
+        positive_int("expand_v", expand_v, owner=self.name)
         self.n_heads, self.head_k_dim = head_split(d_model, n_heads, head_dim)
         self.head_v_dim = self.head_k_dim * expand_v
         self.chunk_size = chunk_size
@@ -85,7 +84,7 @@ class _DeltaRuleMixer(Mixer):
         q, conv_q = self.q_conv(self.q_proj(x), state["conv_q"])
         k, conv_k = self.k_conv(self.k_proj(x), state["conv_k"])
         v, conv_v = self.v_conv(self.v_proj(x), state["conv_v"])
-        q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=self.n_heads) for t in (q, k, v))
+        q, k, v = (split_heads(t, self.n_heads) for t in (q, k, v))
         q = F.normalize(q, dim=-1) * self.head_k_dim**-0.5
         k = F.normalize(k, dim=-1)
         beta = rearrange(torch.sigmoid(self.b_proj(x)), "b t h -> b h t")
@@ -95,7 +94,7 @@ class _DeltaRuleMixer(Mixer):
             chunk_size=self.chunk_size,
         )
         o = self.output_gate(self.o_norm(rearrange(o, "b h t d -> b t h d")), x)
-        y = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))
+        y = self.o_proj(merge_heads(o, "b t h d"))
         return y, State(S=S, conv_q=conv_q, conv_k=conv_k, conv_v=conv_v)
 
     def extra_repr(self) -> str:
@@ -143,4 +142,4 @@ class GatedDeltaNet(_DeltaRuleMixer):
         return rearrange(g, "b t h -> b h t")
 
     def output_gate(self, o, x):
-        return o * F.silu(rearrange(self.g_proj(x), "b t (h d) -> b t h d", h=self.n_heads))
+        return o * F.silu(split_heads(self.g_proj(x), self.n_heads, "b t h d"))

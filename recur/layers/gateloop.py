@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split
+from recur.layers.common import merge_heads, split_heads
 from recur.ops.scan import diagonal_scan
 from recur.registry import register
 from recur.state import State
@@ -78,9 +77,7 @@ class GateLoop(Mixer):
         chunk_size: int = 64,
     ):
         super().__init__(d_model, mode)
-        if n_heads is None and head_dim is None:
-            head_dim = 1  # max-headed
-        self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
+        self._init_heads(n_heads, head_dim, preferred_head_dim=1)  # max-headed by default
         self.chunk_size = chunk_size
         d = d_model
         self.q_proj = nn.Linear(d, d, bias=False)
@@ -98,18 +95,18 @@ class GateLoop(Mixer):
     def projections(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """q, k, v [batch, time, heads, d_h], log a (complex) [batch, time, heads, d_k], g [batch, time, d_model]."""
         work = _work_dtype(x.dtype)
-        heads = lambda t: rearrange(t.to(work), "b t (h d) -> b t h d", h=self.n_heads)  # noqa: E731
         magnitude, phase = self.a_proj(x).chunk(2, dim=-1)
-        log_a = torch.complex(F.logsigmoid(heads(magnitude)), heads(phase))  # log|a| < 0, arg a
-        return dict(q=heads(self.q_proj(x)), k=heads(self.k_proj(x)), v=heads(self.v_proj(x)), log_a=log_a,
-                    g=self.g_proj(x).to(work))
+        q, k, v, magnitude, phase = (split_heads(t.to(work), self.n_heads, "b t h d")
+                                     for t in (self.q_proj(x), self.k_proj(x), self.v_proj(x), magnitude, phase))
+        log_a = torch.complex(F.logsigmoid(magnitude), phase)  # log|a| < 0, arg a
+        return dict(q=q, k=k, v=v, log_a=log_a, g=self.g_proj(x).to(work))
 
     def _forward(self, x, state):
         p = self.projections(x)
         kv = p["k"].unsqueeze(-1) * p["v"].unsqueeze(-2)  # k_t v_t^T: [batch, time, heads, d_k, d_v]
         h, h_last = diagonal_scan(p["log_a"].unsqueeze(-1), kv, state["h"], mode=self.op_mode, chunk_size=self.chunk_size)
         y = torch.einsum("bthk,bthkv->bthv", p["q"], h.real)  # Re(q^T h), q real
-        y = F.silu(p["g"]) * rearrange(y, "b t h v -> b t (h v)")
+        y = F.silu(p["g"]) * merge_heads(y, "b t h d")
         return self.o_proj(y.to(x.dtype)), State(h=h_last)
 
     def extra_repr(self) -> str:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
+from recur.layers.common import merge_heads, split_heads
 from recur.ops.gated import gated_matrix
 from recur.registry import register
 from recur.state import State
@@ -74,12 +74,12 @@ class GLA(Mixer):
         return State(S=torch.zeros(batch_size, self.n_heads, self.key_dim, self.value_dim, device=device, dtype=dtype))
 
     def _forward(self, x, state):
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)  # noqa: E731
-        q = heads(self.q_proj(x)) * self.key_dim**-0.5
-        k = heads(self.k_proj(x))
-        v = heads(self.v_proj(x))
-        log_alpha = heads(F.logsigmoid(self.gate_up(self.gate_down(x))) / self.gate_temperature)
+        H = self.n_heads
+        q = split_heads(self.q_proj(x), H) * self.key_dim**-0.5
+        k = split_heads(self.k_proj(x), H)
+        v = split_heads(self.v_proj(x), H)
+        log_alpha = split_heads(F.logsigmoid(self.gate_up(self.gate_down(x))) / self.gate_temperature, H)
         o, S = gated_matrix(q, k, v, log_alpha, state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
-        o = rearrange(self.norm(o), "b h t d -> b t (h d)")
+        o = merge_heads(self.norm(o))
         y = self.o_proj(F.silu(self.r_proj(x)) * o)
         return y, State(S=S)

@@ -20,11 +20,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split
+from recur.layers.common import head_split, merge_heads, split_heads
 from recur.ops.gated import gated_matrix
 from recur.registry import register
 from recur.state import State
@@ -108,12 +107,12 @@ class HGRN2(Mixer):
         return log_f
 
     def _forward(self, x, state):
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)  # noqa: E731
+        H = self.n_heads
         log_f = self.log_forget(x)
         k = -torch.expm1(log_f)  # 1 - f_t, the tied input gate
-        q, k, v = heads(F.silu(self.q_proj(x))), heads(k.to(x.dtype)), heads(self.i_proj(x))
-        o, S = gated_matrix(q, k, v, heads(log_f), state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
-        o = rearrange(o, "b h t d -> b t (h d)")
+        q, k, v = split_heads(F.silu(self.q_proj(x)), H), split_heads(k.to(x.dtype), H), split_heads(self.i_proj(x), H)
+        o, S = gated_matrix(q, k, v, split_heads(log_f, H), state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
+        o = merge_heads(o)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
         return self.o_proj(o), State(S=S)
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from recur.layers.base import Mixer
+from recur.layers.common import positive_int
 from recur.registry import register
 from recur.state import State
 
@@ -68,8 +69,7 @@ class IndRNN(Mixer):
         long_memory: bool = False,
     ):
         super().__init__(d_model, mode)
-        if horizon is not None and (isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1):
-            raise ValueError(f"indrnn: horizon must be a positive int or None, got {horizon!r}")
+        positive_int("horizon", horizon, owner="indrnn", optional=True)
         if not gamma >= 1.0:
             raise ValueError(f"indrnn: gamma (the largest gradient growth over the horizon) must be >= 1, got {gamma}")
         if long_memory and horizon is None:

@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split
+from recur.layers.common import merge_heads, positive_int, split_heads
 from recur.registry import register
 from recur.state import State
 
@@ -85,10 +85,8 @@ class Lattice(Mixer):
     def __init__(self, d_model: int, mode: str | None = None, *, n_heads: int | None = None, head_dim: int | None = None,
                  n_slots: int = 16, norm_eps: float = 1e-5):
         super().__init__(d_model, mode)
-        if isinstance(n_slots, bool) or not isinstance(n_slots, int) or n_slots < 1:
-            raise ValueError(f"n_slots must be a positive int, got {n_slots!r}")
-        self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
-        self.n_slots = n_slots
+        self.n_slots = positive_int("n_slots", n_slots, owner=self.name)
+        self._init_heads(n_heads, head_dim)
         H, d = self.n_heads, self.head_dim
         self.code_proj = nn.Linear(d_model, 2 * H * n_slots, bias=False)  # write code z and read code r
         self.v_proj = nn.Linear(d_model, H * d, bias=False)
@@ -107,8 +105,8 @@ class Lattice(Mixer):
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         codes = rearrange(self.code_proj(x).to(work), "b t (c h n) -> c b h t n", c=2, h=H)
         z, r = torch.sigmoid(codes[0]), torch.softmax(codes[1], dim=-1)
-        v = F.normalize(rearrange(self.v_proj(x).to(work), "b t (h d) -> b h t d", h=H), dim=-1)
+        v = F.normalize(split_heads(self.v_proj(x).to(work), H), dim=-1)
         o, S = lattice_recurrence(state["S"].to(work), z, r, v)
-        o = rearrange(self.o_norm(o.to(x.dtype)), "b h t d -> b t (h d)")
+        o = merge_heads(self.o_norm(o.to(x.dtype)))
         y = self.o_proj(o * F.silu(self.g_proj(x)))
         return y, State(S=S.to(state["S"].dtype))

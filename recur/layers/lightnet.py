@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split
+from recur.layers.common import merge_heads, positive_int, split_heads
 from recur.ops.gated import gated_matrix
 from recur.registry import register
 from recur.state import State
@@ -78,10 +77,8 @@ class LightNet(Mixer):
         norm_eps: float = 1e-5,
     ):
         super().__init__(d_model, mode)
-        self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
-        self.gate_rank = self.n_heads if gate_rank is None else gate_rank
-        if isinstance(self.gate_rank, bool) or not isinstance(self.gate_rank, int) or self.gate_rank < 1:
-            raise ValueError(f"lightnet: gate_rank must be a positive int, got {gate_rank!r}")
+        self._init_heads(n_heads, head_dim)
+        self.gate_rank = positive_int("gate_rank", self.n_heads if gate_rank is None else gate_rank, owner="lightnet")
         self.chunk_size, self.norm_eps = chunk_size, norm_eps
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
@@ -111,12 +108,12 @@ class LightNet(Mixer):
 
     def _forward(self, x, state):
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)  # noqa: E731
-        q = heads(F.silu(self.q_proj(x)).to(work))
-        v = heads(self.v_proj(x).to(work))
-        k, log_alpha, z = self.additive_decay(heads(self.k_proj(x).to(work)), state["z"].to(work))
+        H = self.n_heads
+        q = split_heads(F.silu(self.q_proj(x)).to(work), H)
+        v = split_heads(self.v_proj(x).to(work), H)
+        k, log_alpha, z = self.additive_decay(split_heads(self.k_proj(x).to(work), H), state["z"].to(work))
         o, S = gated_matrix(q, k, v, log_alpha, state["S"].to(work), mode=self.op_mode, chunk_size=self.chunk_size)
-        o = rearrange(o, "b h t d -> b t (h d)") * torch.sigmoid(self.gate_up(self.gate_down(x)).to(work))
+        o = merge_heads(o) * torch.sigmoid(self.gate_up(self.gate_down(x)).to(work))
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight.to(work)
         return self.o_proj(o.to(x.dtype)), State(S=S.to(x.dtype), z=z[:, :, -1].to(x.dtype))
 

@@ -10,11 +10,10 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split
+from recur.layers.common import merge_heads, positive_int, split_heads
 from recur.ops.gated import gated_matrix
 from recur.registry import register
 from recur.state import State
@@ -84,11 +83,10 @@ class LinearAttention(Mixer):
         super().__init__(d_model, mode)
         if feature_map not in FEATURE_MAPS:
             raise ValueError(f"linear_attention: feature_map must be one of {FEATURE_MAPS}, got {feature_map!r}")
-        self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
+        self._init_heads(n_heads, head_dim)
         if key_dim is None:
             key_dim = 16 if feature_map == "taylor" else self.head_dim
-        if isinstance(key_dim, bool) or not isinstance(key_dim, int) or key_dim < 1:
-            raise ValueError(f"linear_attention: key_dim must be a positive int, got {key_dim!r}")
+        positive_int("key_dim", key_dim, owner="linear_attention")
         self.feature_map, self.key_dim = feature_map, key_dim
         self.feature_dim = 1 + key_dim + key_dim**2 if feature_map == "taylor" else key_dim
         self.eps = eps
@@ -118,12 +116,12 @@ class LinearAttention(Mixer):
         return o / (n + self.eps)
 
     def _forward(self, x, state):
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)  # noqa: E731
-        q = self.phi(heads(self.q_proj(x)))
-        k = self.phi(heads(self.k_proj(x)))
-        v = heads(self.v_proj(x))
+        H = self.n_heads
+        q = self.phi(split_heads(self.q_proj(x), H))
+        k = self.phi(split_heads(self.k_proj(x), H))
+        v = split_heads(self.v_proj(x), H)
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # the ones column accumulates z_t
         o, S = gated_matrix(q, k, v, None, state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
         o = self.normalise(o[..., :-1], o[..., -1:])
-        y = self.o_proj(rearrange(o, "b h t d -> b t (h d)"))
+        y = self.o_proj(merge_heads(o))
         return y, State(S=S)

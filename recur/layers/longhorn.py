@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv
+from recur.layers.common import ShortConv, positive_ints
 from recur.ops.delta import delta_rule
 from recur.ops.scan import diagonal_scan
 from recur.registry import register
@@ -86,9 +86,7 @@ class Longhorn(Mixer):
         chunk_size: int = 64,
     ):
         super().__init__(d_model, mode)
-        for name, val in (("d_state", d_state), ("expand", expand), ("dt_rank", dt_rank), ("d_conv", d_conv)):
-            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-                raise ValueError(f"longhorn: {name} must be a positive int, got {val!r}")
+        positive_ints("longhorn", optional=True, d_state=d_state, expand=expand, dt_rank=dt_rank, d_conv=d_conv)
         if transition not in TRANSITIONS:
             raise ValueError(f"longhorn: transition must be one of {TRANSITIONS}, got {transition!r}")
         self.d_state, self.expand, self.d_conv, self.chunk_size = d_state, expand, d_conv, chunk_size

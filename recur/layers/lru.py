@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from recur.layers.base import Mixer
+from recur.layers.common import positive_int
 from recur.ops.scan import diagonal_scan
 from recur.registry import register
 from recur.state import State
@@ -69,9 +70,7 @@ class LRU(Mixer):
         chunk_size: int = 64,
     ):
         super().__init__(d_model, mode)
-        N = d_model if d_state is None else d_state
-        if isinstance(N, bool) or not isinstance(N, int) or N < 1:
-            raise ValueError(f"d_state must be a positive int, got {d_state!r}")
+        N = positive_int("d_state", d_model if d_state is None else d_state, owner=self.name)
         if not 0.0 <= r_min < r_max <= 1.0:
             raise ValueError(f"need 0 <= r_min < r_max <= 1 for a stable ring, got r_min={r_min}, r_max={r_max}")
         if not max_phase > 0:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv
+from recur.layers.common import ShortConv, positive_ints
 from recur.ops.selective import selective_scan
 from recur.registry import register
 from recur.state import State
@@ -72,9 +72,7 @@ class Mamba(Mixer):
         chunk_size: int = 64,
     ):
         super().__init__(d_model, mode)
-        for name, val in (("d_state", d_state), ("expand", expand), ("dt_rank", dt_rank)):
-            if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        positive_ints(self.name, optional=True, d_state=d_state, expand=expand, dt_rank=dt_rank)
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         self.d_state, self.expand, self.chunk_size = d_state, expand, chunk_size

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv, head_split
+from recur.layers.common import ShortConv, merge_heads, positive_ints, split_heads
 from recur.ops.gated import gated_matrix
 from recur.registry import register
 from recur.state import State
@@ -81,16 +81,14 @@ class Mamba2(Mixer):
         chunk_size: int = 64,
     ):
         super().__init__(d_model, mode)
-        for name, val in (("d_state", d_state), ("expand", expand), ("n_groups", n_groups), ("d_conv", d_conv)):
-            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
-                raise ValueError(f"mamba2: {name} must be a positive int, got {val!r}")
+        positive_ints("mamba2", d_state=d_state, expand=expand, n_groups=n_groups, d_conv=d_conv)
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"mamba2: need 0 < dt_min <= dt_max, got dt_min={dt_min}, dt_max={dt_max}")
         if not 0 < A_init_range[0] <= A_init_range[1]:
             raise ValueError(f"mamba2: A_init_range must satisfy 0 < low <= high, got {A_init_range}")
         self.d_state, self.expand, self.d_conv, self.n_groups = d_state, expand, d_conv, n_groups
         self.d_inner = d_inner = expand * d_model
-        self.n_heads, self.head_dim = head_split(d_inner, n_heads, head_dim)
+        self._init_heads(n_heads, head_dim, width=d_inner)
         if self.n_heads % n_groups:
             raise ValueError(f"mamba2: n_groups={n_groups} must divide the number of heads {self.n_heads}")
         self.chunk_size, self.norm_eps = chunk_size, norm_eps
@@ -124,8 +122,7 @@ class Mamba2(Mixer):
         xBC, tail = self.conv(xBC, conv_tail)
         xs, Bm, Cm = xBC.to(work).split([self.d_inner, G * N, G * N], dim=-1)
         dt = F.softplus(dt.to(work) + self.dt_bias.to(work))
-        split = lambda t: rearrange(t, "b t (g n) -> b t g n", g=G)  # noqa: E731
-        return z, xs, split(Bm), split(Cm), dt, tail
+        return z, xs, split_heads(Bm, G, "b t h d"), split_heads(Cm, G, "b t h d"), dt, tail
 
     def _forward(self, x, state):
         H, G = self.n_heads, self.n_groups
@@ -136,17 +133,17 @@ class Mamba2(Mixer):
         # Heads of group g are g * H/G ... (g+1) * H/G - 1 (the official head -> group map).
         to_heads = lambda t: rearrange(t, "b t g n -> b g t n").repeat_interleave(H // G, dim=1)  # noqa: E731
         q, k = to_heads(Cm), to_heads(Bm)  # [b, heads, t, d_state]
-        xh = rearrange(xs, "b t (h p) -> b h t p", h=H)
+        xh = split_heads(xs, H)
         v = xh * rearrange(dt, "b t h -> b h t 1")
         # The conv leaves its output time-major in memory; contiguous operands keep the
         # reference loop's per-step matmuls on the fast path (strided ones are ~100x slower).
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         o, S = gated_matrix(q, k, v, log_alpha, state["S"].to(work), mode=self.op_mode, chunk_size=self.chunk_size)
         y = o + self.D.to(work)[:, None, None] * xh
-        y = rearrange(y, "b h t p -> b t (h p)") * F.silu(z.to(work))
-        y = rearrange(y, "b t (g c) -> b t g c", g=G)  # gated RMSNorm per group
+        y = merge_heads(y) * F.silu(z.to(work))
+        y = split_heads(y, G, "b t h d")  # gated RMSNorm per group
         y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.norm_eps)
-        y = rearrange(y, "b t g c -> b t (g c)") * self.norm_weight.to(work)
+        y = merge_heads(y, "b t h d") * self.norm_weight.to(work)
         return self.out_proj(y.to(x.dtype)), State(conv=tail, S=S.to(x.dtype))
 
     def extra_repr(self) -> str:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recur.layers.base import Mixer
+from recur.layers.common import positive_int
 from recur.ops.scan import diagonal_scan, log_space_scan
 from recur.registry import register
 from recur.state import State
@@ -61,9 +62,7 @@ class _MinRNN(Mixer):
 
     def __init__(self, d_model: int, mode: str | None = None, *, expansion: int = 1, chunk_size: int = 64):
         super().__init__(d_model, mode)
-        if isinstance(expansion, bool) or not isinstance(expansion, int) or expansion < 1:
-            raise ValueError(f"expansion must be a positive int, got {expansion!r}")
-        self.expansion = expansion
+        self.expansion = positive_int("expansion", expansion, owner=self.name)
         self.d_hidden = expansion * d_model
         self.chunk_size = chunk_size
         # One matmul for the gate pre-activations and the candidate h~ (nn.Linear default init).

@@ -52,7 +52,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv, head_split, logit, merge_heads, positive_int, split_heads
+from recur.layers.common import ShortConv, logit, merge_heads, positive_int, split_heads
 from recur.ops.miras import MirasState, lp_bias, lq_retention, miras_memory
 from recur.registry import register
 from recur.state import State
@@ -74,7 +74,7 @@ class _Miras(Mixer):
                  depth: int = 2, expansion: int = 4, chunk_size: int = 16, conv_size: int = 4, memory_norm: bool = True,
                  lr_init: float = 0.05, retain_init: float = 0.99, norm_eps: float = 1e-5):
         super().__init__(d_model, mode)
-        self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
+        self._init_heads(n_heads, head_dim)
         self.chunk_size = positive_int("chunk_size", chunk_size)
         self.depth = positive_int("depth", depth)
         positive_int("expansion", expansion)

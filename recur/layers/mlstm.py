@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv
+from recur.layers.common import ShortConv, merge_heads, split_heads
 from recur.ops.gated import gated_matrix_stabilized
 from recur.registry import register
 from recur.state import State
@@ -140,13 +140,14 @@ class MLSTM(Mixer):
         return o[..., :-1] / denominator, S[..., :-1], S[..., -1], m[..., -1]
 
     def _forward(self, x, state):
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)  # noqa: E731
+        H = self.n_heads
         x_m, z = self.up_proj(x).chunk(2, dim=-1)
         c, tail = self.conv(x_m, state["conv"])
         q, k, v = self.q_proj(c), self.k_proj(c), self.v_proj(x_m)
         log_f, log_i = self.gates(q, k, v)
-        h, C, n, m = self.cell(heads(q), heads(k), heads(v), log_f, log_i, state["C"], state["n"], state["m"])
-        h = rearrange(h, "b h t d -> b t (h d)")
+        h, C, n, m = self.cell(split_heads(q, H), split_heads(k, H), split_heads(v, H), log_f, log_i,
+                               state["C"], state["n"], state["m"])
+        h = merge_heads(h)
         h = F.group_norm(h.flatten(0, 1), self.n_heads, self.norm_weight.to(h.dtype), None, self.norm_eps).view_as(h)
         y = self.down_proj((h + self.skip * c) * F.silu(z))
         return y, State(conv=tail, C=C, n=n, m=m)

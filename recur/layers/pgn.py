@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from recur.layers.base import Mixer
+from recur.layers.common import positive_int
 from recur.registry import register
 from recur.state import State
 
@@ -59,8 +60,7 @@ class PGN(Mixer):
 
     def __init__(self, d_model: int, mode: str | None = None, *, history: int = 64, groups: int = 1):
         super().__init__(d_model, mode)
-        if isinstance(history, bool) or not isinstance(history, int) or history < 1:
-            raise ValueError(f"history (the HIE window) must be a positive int, got {history!r}")
+        positive_int("history (the HIE window)", history, owner=self.name)
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or d_model % groups:
             raise ValueError(f"groups must be a positive int dividing d_model={d_model}, got {groups!r}")
         self.history, self.groups = history, groups

@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split, positions_from, rotary
+from recur.layers.common import head_split, positions_from, rotary, split_heads
 from recur.ops.gated import gated_matrix
 from recur.registry import register
 from recur.state import State
@@ -83,11 +83,11 @@ class RetNet(Mixer):
 
     def _forward(self, x, state):
         B, T, _ = x.shape
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)  # noqa: E731
+        H = self.n_heads
         positions = positions_from(state["pos"], T)  # [batch, time]
-        q = rotary(heads(self.q_proj(x)), positions, self.rotary_base)
-        k = rotary(heads(self.k_proj(x)), positions, self.rotary_base) * self.key_dim**-0.5
-        v = heads(self.v_proj(x))
+        q = rotary(split_heads(self.q_proj(x), H), positions, self.rotary_base)
+        k = rotary(split_heads(self.k_proj(x), H), positions, self.rotary_base) * self.key_dim**-0.5
+        v = split_heads(self.v_proj(x), H)
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         log_alpha = self.log_gamma(x.device, work)[None, :, None].expand(B, -1, T)  # [batch, heads, time]
         o, S = gated_matrix(q, k, v, log_alpha, state["S"], mode=self.op_mode, chunk_size=self.chunk_size)

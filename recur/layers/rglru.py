@@ -44,7 +44,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv, head_split
+from recur.layers.common import ShortConv, head_split, positive_int
 from recur.ops.scan import diagonal_scan
 from recur.registry import register
 from recur.state import State
@@ -100,9 +100,7 @@ class RGLRU(Mixer):
                  n_heads: int | None = None, conv_size: int = 4, a_init: str = "paper",
                  a_min: float = 0.9, a_max: float = 0.999, chunk_size: int = 64):
         super().__init__(d_model, mode)
-        width = d_model if lru_width is None else lru_width
-        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-            raise ValueError(f"lru_width must be a positive int, got {lru_width!r}")
+        width = positive_int("lru_width", d_model if lru_width is None else lru_width, owner=self.name)
         if not 0 < a_min < a_max < 1:
             raise ValueError(f"need 0 < a_min < a_max < 1, got a_min={a_min}, a_max={a_max}")
         if a_init not in ("paper", "recurrentgemma"):

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split
+from recur.layers.common import head_split, positive_int, positive_ints
 from recur.registry import register
 from recur.state import State
 
@@ -139,14 +139,9 @@ class RelationalMemory(Mixer):
     ):
         super().__init__(d_model, mode)
         slot_size = d_model if slot_size is None else slot_size
-        for label, value in (("n_slots", n_slots), ("slot_size", slot_size), ("n_blocks", n_blocks),
-                             ("n_mlp_layers", n_mlp_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"rmc: {label} must be a positive int, got {value!r}")
+        positive_ints("rmc", n_slots=n_slots, slot_size=slot_size, n_blocks=n_blocks, n_mlp_layers=n_mlp_layers)
         n_heads, head_size = head_split(slot_size, n_heads)
-        key_size = head_size if key_size is None else key_size
-        if isinstance(key_size, bool) or not isinstance(key_size, int) or key_size < 1:
-            raise ValueError(f"rmc: key_size must be a positive int, got {key_size!r}")
+        key_size = positive_int("key_size", head_size if key_size is None else key_size, owner="rmc")
         if gate_style not in ("unit", "memory"):
             raise ValueError(f"rmc: gate_style must be 'unit' (per element) or 'memory' (per slot), got {gate_style!r}")
         self.n_slots, self.slot_size, self.n_heads, self.head_size = n_slots, slot_size, n_heads, head_size

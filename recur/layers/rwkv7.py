@@ -13,7 +13,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split, layer_depth, rwkv_ramps, token_shift
+from recur.layers.common import layer_depth, merge_heads, positive_ints, rwkv_ramps, split_heads, token_shift
 from recur.ops.delta import dplr_delta
 from recur.registry import register
 from recur.state import State
@@ -92,16 +92,11 @@ class RWKV7(Mixer):
         n_layers: int | None = None,
     ):
         super().__init__(d_model, mode)
-        if n_heads is None and head_dim is None and d_model % 64 == 0:
-            head_dim = 64  # the official head size
-        self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
+        self._init_heads(n_heads, head_dim, preferred_head_dim=64)  # the official head size
         self.chunk_size = chunk_size
         layer_idx, n_layers = layer_depth("rwkv7", layer_idx, n_layers)
         C, N, H = d_model, self.head_dim, self.n_heads
-        ranks = {"decay_rank": decay_rank, "lr_rank": lr_rank, "gate_rank": gate_rank}
-        for name, value in ranks.items():
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"rwkv7: {name} must be a positive int, got {value!r}")
+        positive_ints("rwkv7", optional=True, decay_rank=decay_rank, lr_rank=lr_rank, gate_rank=gate_rank)
         self.decay_rank = decay_rank or _lora_rank(C, 2.5)
         self.lr_rank = lr_rank or _lora_rank(C, 2.5)
         self.gate_rank = gate_rank or _lora_rank(C, 5.0)
@@ -154,28 +149,28 @@ class RWKV7(Mixer):
         k = self.key(xs["k"])
         d = self.w0 + torch.tanh(xs["w"] @ self.w1) @ self.w2
         a = torch.sigmoid(self.a0 + (xs["a"] @ self.a1) @ self.a2)
-        kappa = rearrange(k * self.k_k, "b t (h d) -> b t h d", h=self.n_heads)
+        kappa = split_heads(k * self.k_k, self.n_heads, "b t h d")
         out = dict(
             r=self.receptance(xs["r"]),
             k=k * (1 + (a - 1) * self.k_a),
             v=self.value(xs["v"]),
             log_w=-LOG_W_SCALE * torch.sigmoid(d.to(work)),
             a=a,
-            kappa=rearrange(F.normalize(kappa, dim=-1), "b t h d -> b t (h d)"),
+            kappa=merge_heads(F.normalize(kappa, dim=-1), "b t h d"),
             g=torch.sigmoid(xs["g"] @ self.g1) @ self.g2,
         )
         return out, last
 
     def _forward(self, x, state):
         B, T, _ = x.shape
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)  # noqa: E731
+        H = self.n_heads
         p, last = self.projections(x, state["shift"])
-        r, k, v = heads(p["r"]), heads(p["k"]), heads(p["v"])
-        o, S = dplr_delta(r, k, v, heads(p["log_w"]), heads(-p["kappa"]), heads(p["kappa"] * p["a"]), state["S"],
-                          mode=self.op_mode, chunk_size=self.chunk_size)
+        r, k, v = split_heads(p["r"], H), split_heads(p["k"], H), split_heads(p["v"], H)
+        o, S = dplr_delta(r, k, v, split_heads(p["log_w"], H), split_heads(-p["kappa"], H),
+                          split_heads(p["kappa"] * p["a"], H), state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
         o = self.norm(rearrange(o, "b h t d -> (b t) (h d)")).view(B, T, -1)
         bonus = (r * k * self.r_k[:, None, :]).sum(-1, keepdim=True) * v  # [b, h, t, d]
-        o = o + rearrange(bonus, "b h t d -> b t (h d)")
+        o = o + merge_heads(bonus)
         return self.output(o * p["g"]), State(shift=last, S=S)
 
     def extra_repr(self) -> str:

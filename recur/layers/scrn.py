@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from recur.layers.base import Mixer
+from recur.layers.common import positive_ints
 from recur.ops.scan import diagonal_scan
 from recur.registry import register
 from recur.state import State
@@ -67,9 +68,7 @@ class SCRN(Mixer):
         super().__init__(d_model, mode)
         d_hidden = d_model if d_hidden is None else d_hidden
         d_context = max(1, round(0.4 * d_hidden)) if d_context is None else d_context
-        for label, value in (("d_hidden", d_hidden), ("d_context", d_context)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"scrn: {label} must be a positive int, got {value!r}")
+        positive_ints("scrn", d_hidden=d_hidden, d_context=d_context)
         if not 0.0 <= alpha < 1.0:
             raise ValueError(f"scrn: alpha must be in [0, 1) (the context's fixed decay), got {alpha}")
         self.d_hidden, self.d_context, self.alpha = d_hidden, d_context, float(alpha)

@@ -49,7 +49,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import ShortConv, head_split
+from recur.layers.common import ShortConv, merge_heads, split_heads
 from recur.registry import register
 from recur.state import State
 
@@ -90,12 +90,12 @@ class SLSTM(Mixer):
         n_layers: int | None = None,
     ):
         super().__init__(d_model, mode)
-        H, d = head_split(d_model, n_heads, head_dim)
+        H, d = self._init_heads(n_heads, head_dim)
         if isinstance(conv_size, bool) or not isinstance(conv_size, int) or conv_size == 1 or conv_size < 0:
             raise ValueError(f"slstm: conv_size must be 0 (no conv) or an int >= 2, got {conv_size!r}")
         if forget_gate not in ("sigmoid", "exp"):
             raise ValueError(f"slstm: forget_gate must be 'sigmoid' or 'exp', got {forget_gate!r}")
-        self.n_heads, self.head_dim, self.conv_size = H, d, conv_size
+        self.conv_size = conv_size
         self.forget_gate, self.norm_eps = forget_gate, norm_eps
 
         self.conv = ShortConv(d_model, conv_size, bias=True, activation="silu") if conv_size else None
@@ -126,7 +126,7 @@ class SLSTM(Mixer):
             x_conv, tail = self.conv(xw, state["conv"].to(work))
         else:
             x_conv = xw
-        x_conv, xw = (rearrange(t, "b t (h d) -> b t h d", h=H) for t in (x_conv, xw))
+        x_conv, xw = (split_heads(t, H, "b t h d") for t in (x_conv, xw))
         pre = torch.cat([
             torch.einsum("bthd,hde->bthe", x_conv, self.W_if.to(work)),  # i, f from the conv'd input
             torch.einsum("bthd,hde->bthe", xw, self.W_zo.to(work)),      # z, o from the input
@@ -148,7 +148,7 @@ class SLSTM(Mixer):
 
         y = rearrange(torch.stack(hs), "t h b d -> b t h d")
         y = F.layer_norm(y, (self.head_dim,), eps=self.norm_eps)  # group norm: one group per head
-        y = rearrange(y, "b t h d -> b t (h d)") * self.norm_weight.to(work)
+        y = merge_heads(y, "b t h d") * self.norm_weight.to(work)
         if self.out_proj is not None:
             y = y @ self.out_proj.weight.to(work).T
         cell = {k: rearrange(v, "h b d -> b (h d)").to(dtype) for k, v in zip("hcnm", (h, c, n, m))}

@@ -64,8 +64,8 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import (ShortConv, head_split, logit, merge_heads, positions_from, positive_int, rotary,
-                                 split_heads)
+from recur.layers.common import (ShortConv, logit, merge_heads, positions_from, positive_int, rotary, split_heads,
+                                 window_property)
 from recur.ops.attention import attention, attention_step, trim_cache
 from recur.ops.memory import ACTIVATIONS, MemoryState, mlp_forward, mlp_memory
 from recur.registry import register
@@ -262,7 +262,7 @@ class _TitansBase(Mixer):
                  activation: str = "silu", memory_norm: bool = True, lr_init: float = 0.05,
                  momentum_init: float = 0.9, decay_init: float = 0.01, norm_eps: float = 1e-5):
         super().__init__(d_model, mode)
-        self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim, even=self.rotary_heads)
+        self._init_heads(n_heads, head_dim, even=self.rotary_heads)
         self.chunk_size = positive_int("chunk_size", chunk_size)
         self.conv_size = conv_size
         self.depth = depth
@@ -313,6 +313,7 @@ class _WindowTitans(_TitansBase):
     project_attention = True  # W_O on the attention's output (MAG gates first, then projects)
     state_formula = ("3 * n_heads * memory_params + 3 * (conv_size - 1) * n_heads * head_dim"
                      " + 2 * n_heads * head_dim * min(T, window - 1)")
+    window = window_property()
 
     def __init__(self, d_model: int, mode: str | None = None, *, window: int = 512, n_persistent: int = 4,
                  rotary_base: float = 10000.0, **options):
@@ -321,16 +322,6 @@ class _WindowTitans(_TitansBase):
         self.n_persistent = positive_int("n_persistent", n_persistent)
         self.attention = PersistentWindowAttention(d_model, self.n_heads, self.head_dim, n_persistent, rotary_base,
                                                    project_out=self.project_attention)
-
-    @property
-    def window(self) -> int:
-        return self._window
-
-    @window.setter
-    def window(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"window must be an int >= 1 (a query sees itself and window - 1 earlier tokens), got {value!r}")
-        self._window = value
 
     @abstractmethod
     def _memory_module(self) -> NeuralMemory:

@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recur.layers.base import Mixer
+from recur.layers.common import positive_ints
 from recur.registry import register
 from recur.state import State
 
@@ -136,11 +137,8 @@ class TKAN(Mixer):
         super().__init__(d_model, mode)
         sub_input_dim = d_model if sub_input_dim is None else sub_input_dim
         sub_output_dim = d_model if sub_output_dim is None else sub_output_dim
-        for label, value, least in (("n_sublayers", n_sublayers, 1), ("sub_input_dim", sub_input_dim, 1),
-                                    ("sub_output_dim", sub_output_dim, 1), ("grid_size", grid_size, 1),
-                                    ("spline_order", spline_order, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"tkan: {label} must be an int >= {least}, got {value!r}")
+        positive_ints("tkan", n_sublayers=n_sublayers, sub_input_dim=sub_input_dim, sub_output_dim=sub_output_dim,
+                      grid_size=grid_size, spline_order=spline_order)
         lo, hi = (float(v) for v in grid_range)
         if not lo < hi:
             raise ValueError(f"tkan: grid_range must be (low, high) with low < high, got {grid_range!r}")

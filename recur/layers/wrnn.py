@@ -52,6 +52,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
+from recur.layers.common import positive_ints
 from recur.registry import register
 from recur.state import State
 
@@ -83,9 +84,7 @@ class WaveRNN(Mixer):
     ):
         super().__init__(d_model, mode)
         n_spatial = d_model if n_spatial is None else n_spatial
-        for label, value in (("n_channels", n_channels), ("n_spatial", n_spatial), ("kernel_size", kernel_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"wrnn: {label} must be a positive int, got {value!r}")
+        positive_ints("wrnn", n_channels=n_channels, n_spatial=n_spatial, kernel_size=kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"wrnn: kernel_size must be odd (circular padding kernel_size // 2 on each side "
                              f"keeps the ring's length), got {kernel_size}")

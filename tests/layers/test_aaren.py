@@ -12,16 +12,12 @@ import torch
 import recur
 from recur.analysis import implicit_attention
 
-D = 16
+from .helpers import D, randn
 
 
 def build(seed=0, **kw):
     torch.manual_seed(seed)
     return recur.build("aaren", d_model=D, **kw).double()
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def scores_of(mixer, x):

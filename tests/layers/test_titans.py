@@ -18,21 +18,7 @@ import recur
 from recur import CausalLM, State
 from recur.layers.titans import prefix_window_attention
 
-D = 16
-RTOL, ATOL = 1e-8, 1e-10
-
-
-def make(name, seed=0, **options):
-    torch.manual_seed(seed)
-    return recur.build(name, d_model=D, **options).double()
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+from .helpers import D, close, make, randn
 
 
 def capture_input(module, store):

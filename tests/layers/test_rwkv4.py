@@ -1,5 +1,5 @@
-"""RWKV-4 (time and channel mixing), PGN and GateLoop: the properties from the papers that the
-conformance suite cannot know. Each model is compared with a direct transcription of its
+"""RWKV-4 (time and channel mixing, ``recur/layers/rwkv4.py``): the properties from the paper that
+the conformance suite cannot know. The layers are compared with a direct transcription of the
 paper's equations in float64, where modes differ only in summation order (rtol 1e-8, atol 1e-10).
 """
 
@@ -9,22 +9,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import recur
 from recur.layers.rwkv4 import wkv
-from recur.models.lm import CausalLM
+from recur.models import CausalLM
 
-D = 16
-RTOL, ATOL = 1e-8, 1e-10
-
-
-def randn(*shape, seed=1, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def close(a, b, what, rtol=RTOL, atol=ATOL):
-    torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+from .helpers import D, close, randn
 
 
 def shifted(x, last=None):
@@ -33,7 +23,6 @@ def shifted(x, last=None):
     return torch.cat([first, x[:, :-1]], dim=1)
 
 
-# ------------------------------------------------------------------------------------ RWKV-4
 def make_rwkv4(seed=0, key_scale=1.0, **options):
     """An RWKV-4 layer in float64 with non-zero keys and receptance (the official init zeroes them)."""
     torch.manual_seed(seed)
@@ -182,138 +171,3 @@ def test_rwkv4_lm_alternates_time_and_channel_mixing():
     assert [type(m).__name__ for m in lm.backbone.mixers] == ["RWKV4", "RWKV4Channel"] * 2
     logits, _ = lm(torch.randint(0, 11, (2, 7)))
     assert logits.shape == (2, 7, 11) and torch.isfinite(logits).all()
-
-
-# --------------------------------------------------------------------------------------- PGN
-def direct_pgn(layer, x):
-    """The paper's PGN: H = HIE(Padding(X)), G = sigmoid(W_g[X, H]), H^ = tanh(W_c[X, H]), G H + (1-G) H^."""
-    W, d, g = layer.history, layer.d_model, layer.groups
-    weight, bias = layer.hie.weight, layer.hie.bias  # [d, d/g, W], kernel index j <-> lag W - j
-    B, T, _ = x.shape
-    H = []
-    for t in range(T):
-        h = bias.expand(B, d).clone()
-        for lag in range(1, W + 1):
-            if t - lag < 0:
-                continue  # zero padding
-            M = torch.block_diag(*weight[:, :, W - lag].view(g, d // g, d // g))  # [d_out, d_in]
-            h = h + x[:, t - lag] @ M.T
-        H.append(h)
-    H = torch.stack(H, dim=1)
-    Wg = layer.gates.weight
-    gate = torch.sigmoid(torch.cat([x, H], -1) @ Wg[:d].T + layer.gates.bias[:d])
-    cand = torch.tanh(torch.cat([x, H], -1) @ Wg[d:].T + layer.gates.bias[d:])
-    return gate * H + (1 - gate) * cand
-
-
-@pytest.mark.parametrize("mode", ["conv", "recurrent"])
-@pytest.mark.parametrize("groups", [1, 4])
-def test_pgn_output_is_the_gated_fusion_of_the_history_extraction(mode, groups):
-    torch.manual_seed(0)
-    layer = recur.build("pgn", d_model=D, history=5, groups=groups, mode=mode).double()
-    x = randn(2, 12, D, seed=15)
-    want = direct_pgn(layer, x)
-    y, s = layer(x)
-    close(y, want, f"{mode}: y = G H + (1 - G) tanh(.)")
-    close(s["window"], x[:, -5:], "the state is the last W inputs")
-    y1, s1 = layer(x[:, :7])  # carrying the window continues the padded sequence exactly
-    y2, _ = layer(x[:, 7:], s1)
-    close(torch.cat([y1, y2], 1), want, "split at t=7")
-
-
-def test_pgn_reaches_each_of_the_last_history_inputs_in_one_step():
-    """y_t depends on x_{t-W} .. x_t (each through one linear map, the O(1) path) and on nothing older."""
-    torch.manual_seed(0)
-    W = 4
-    layer = recur.build("pgn", d_model=D, history=W).double()
-    x = randn(1, 12, D, seed=16).requires_grad_(True)
-    y, _ = layer(x)
-    t = 10
-    (grad,) = torch.autograd.grad(y[0, t].sum(), x)
-    norms = grad[0].abs().sum(-1)
-    assert (norms[t - W : t + 1] > 0).all(), "every input in the window reaches y_t"
-    assert (norms[: t - W] == 0).all() and (norms[t + 1 :] == 0).all(), "nothing outside the window does"
-
-
-# ---------------------------------------------------------------------------------- GateLoop
-def make_gateloop(seed=0, **options):
-    torch.manual_seed(seed)
-    return recur.build("gateloop", d_model=D, **options).double()
-
-
-@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
-def test_gateloop_with_zero_phase_and_scalar_gates_is_gated_linear_attention(mode):
-    """theta = 0 and one magnitude per head: S_t = a_t S_{t-1} + k_t v_t^T (real), y_t = S_t^T q_t."""
-    layer = make_gateloop(head_dim=4, mode=mode)
-    layer.chunk_size = 4
-    H, K = layer.n_heads, layer.head_dim
-    with torch.no_grad():
-        weight = layer.a_proj.weight.view(2, H, K, D)  # (magnitude, phase) rows
-        weight[0] = weight[0, :, :1].expand(H, K, D).clone()  # one magnitude per head
-        weight[1] = 0.0
-        bias = layer.a_proj.bias.view(2, H, K)
-        bias[0] = bias[0, :, :1].expand(H, K).clone()
-        bias[1] = 0.0
-    x = randn(2, 19, D, seed=17)
-    q, k, v = (layer_proj(x).view(2, 19, H, K) for layer_proj in (layer.q_proj, layer.k_proj, layer.v_proj))
-    a = torch.sigmoid(layer.a_proj(x)[..., :D].view(2, 19, H, K)[..., 0])  # [batch, time, heads]
-    S = torch.zeros(2, H, K, K, dtype=torch.float64)
-    ys = []
-    for t in range(19):
-        S = a[:, t, :, None, None] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
-        ys.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S).reshape(2, D))
-    want = layer.o_proj(F.silu(layer.g_proj(x)) * torch.stack(ys, 1))
-    y, s = layer(x)
-    close(y, want, f"{mode}: GateLoop vs gated linear attention")
-    close(s["h"].real, S, "state")
-    close(s["h"].imag, torch.zeros_like(S), "zero phase keeps the state real")
-
-
-@pytest.mark.parametrize("mode", ["chunk", "recurrent"])
-def test_gateloop_equals_its_surrogate_attention_form(mode):
-    """y_t = Re(sum_{j<=t} q_t^T Diag(prod_{j<s<=t} a_s) k_j v_j^T): the paper's O(T^2) mode."""
-    layer = make_gateloop(head_dim=2, mode=mode)
-    layer.chunk_size = 4
-    x = randn(1, 14, D, seed=18)
-    p = layer.projections(x)
-    q, k, v, log_a = p["q"], p["k"], p["v"], p["log_a"]  # [1, T, H, K]
-    T = x.shape[1]
-    cum = torch.cumsum(log_a, dim=1)  # log prod_{s<=t} a_s
-    ys = []
-    for t in range(T):
-        y = 0
-        for j in range(t + 1):
-            decay = torch.exp(cum[:, t] - cum[:, j])  # prod_{j<s<=t} a_s, complex [1, H, K]
-            y = y + torch.einsum("bhk,bhk,bhv->bhv", q[:, t].to(decay.dtype), decay * k[:, j], v[:, j].to(decay.dtype))
-        ys.append(y.real.reshape(1, D))
-    want = layer.o_proj(F.silu(p["g"]) * torch.stack(ys, 1))
-    close(layer(x)[0], want, f"{mode}: recurrence vs surrogate attention")
-
-
-def test_gateloop_state_magnitude_is_bounded_when_the_gates_are_inside_the_unit_disc():
-    """|h_t| <= max |k v^T| / (1 - max |a|) elementwise at every step, for any phases; a constant
-    input with zero phase attains the bound (h -> k v^T / (1 - a))."""
-    layer = make_gateloop(head_dim=2)
-    with torch.no_grad():
-        layer.a_proj.bias[:D] += 3.0  # |a| ~ 0.95: long memory
-        layer.a_proj.bias[D:] += 1.0  # non-zero phases
-    x = randn(1, 2000, D, seed=19)
-    p = layer.projections(x)
-    a_max = p["log_a"].real.exp().amax(dim=(0, 1))  # [H, K]
-    kv_max = (p["k"].unsqueeze(-1) * p["v"].unsqueeze(-2)).abs().amax(dim=(0, 1))  # [H, K, K]
-    bound = kv_max / (1 - a_max[..., None])
-    assert (a_max < 1).all()
-    state = None
-    for chunk in x.split(20, dim=1):
-        _, state = layer(chunk, state)
-        assert (state["h"].abs() <= bound * (1 + 1e-12)).all(), "state magnitude beyond the geometric bound"
-
-    with torch.no_grad():
-        layer.a_proj.weight[D:] = 0.0
-        layer.a_proj.bias[D:] = 0.0
-    x = randn(1, 1, D, seed=20).expand(1, 2000, D)
-    p = layer.projections(x[:, :1])
-    a = p["log_a"].real.exp()[0, 0]
-    kv = (p["k"].unsqueeze(-1) * p["v"].unsqueeze(-2))[0, 0]
-    _, state = layer(x)
-    close(state["h"][0].real, kv / (1 - a[..., None]), "constant input: the fixed point k v^T / (1 - a)")

@@ -1,4 +1,4 @@
-"""linear_attention's feature maps (elu+1, identity, relu, Based's Taylor map).
+"""linear_attention's feature maps (``recur/layers/linear_attention.py``) (elu+1, identity, relu, Based's Taylor map).
 
 The conformance suite builds only the default map; here every map gets the suite's exactness
 checks (every mode equals ``recurrent`` forward and backward with the final state, state carry
@@ -20,16 +20,7 @@ import recur
 from recur import catalog
 from recur.layers.linear_attention import FEATURE_MAPS, taylor_features
 
-D = 16
-RTOL, ATOL = 1e-8, 1e-10
-
-
-def randn(*shape, seed=1, dtype=torch.float64):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+from .helpers import D, close, randn
 
 
 def make(feature_map, seed=0, **options):

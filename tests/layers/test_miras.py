@@ -1,31 +1,16 @@
-"""Moneta, Yaad, Memora (Miras) and Lattice: the properties of each paper's update that the
-conformance suite cannot know. Exactness checks in float64."""
+"""Moneta, Yaad and Memora (Miras, ``recur/layers/miras.py``): the properties of each paper's update
+that the conformance suite cannot know. Exactness checks in float64.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-import recur
-from recur.layers.lattice import lattice_recurrence, lattice_step, orthogonal_write
 from recur.ops.memory import mlp_forward, mlp_gradients
 from recur.ops.miras import huber_bias, lp_bias, lq_retention, miras_memory, miras_state
 
-D = 16
-RTOL, ATOL = 1e-8, 1e-10
-
-
-def make(name, seed=0, **options):
-    torch.manual_seed(seed)
-    return recur.build(name, d_model=D, **options).double()
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+from .helpers import D, close, make, randn
 
 
 def memory_weights(seed=0, H=2, d=4, hidden=8):
@@ -133,35 +118,3 @@ def test_memora_step_is_the_softmax_of_the_retained_log_memory_minus_the_gradien
     for i in range(2):
         expected = torch.softmax(0.8 * torch.log(W0[i].detach()) - 0.3 * grads[i], dim=-1)
         close(torch.softmax(s.params[i], -1), expected, f"layer {i}")
-
-
-# ------------------------------------------------------------------------------ Lattice
-def test_lattice_update_is_orthogonal_to_the_slot_state():
-    S = F.normalize(randn(3, 2, 16, 8), dim=-1)
-    z, v = torch.sigmoid(randn(3, 2, 16, seed=2)), F.normalize(randn(3, 2, 8, seed=3), dim=-1)
-    u = orthogonal_write(S, z, v)
-    inner = (u * S).sum(-1)
-    assert inner.abs().max() < 1e-14, inner.abs().max()
-    assert u.norm(dim=-1).min() > 0  # not trivially zero
-
-
-def test_lattice_slots_stay_unit_norm_and_step_is_the_gated_recurrence():
-    """normalize(s + z (I - s s^T) v) = normalize((1 - z <s, v>) s + z v): linear attention with a state- and input-dependent forget gate."""
-    S = F.normalize(randn(2, 2, 16, 8), dim=-1)
-    z, v = torch.sigmoid(randn(2, 2, 16, seed=2)), F.normalize(randn(2, 2, 8, seed=3), dim=-1)
-    gate = 1 - z * (S * v[..., None, :]).sum(-1)
-    close(lattice_step(S, z, v), F.normalize(gate[..., None] * S + z[..., None] * v[..., None, :], dim=-1), "gated form")
-    m = make("lattice")
-    _, s = m(5 * randn(2, 50, D))
-    close(s["S"].norm(dim=-1), torch.ones(s["S"].shape[:-1], dtype=torch.float64), "unit slots")
-
-
-def test_lattice_repeated_value_saturates_the_slot():
-    """Writing the same value again and again turns every written slot towards it, and the write then vanishes (novelty only)."""
-    S = F.normalize(randn(1, 1, 4, 8), dim=-1)
-    v = F.normalize(randn(1, 1, 200, 8, seed=5), dim=-1)[:, :, :1].expand(1, 1, 200, 8)
-    z = torch.full((1, 1, 200, 4), 0.5, dtype=torch.float64)
-    r = torch.full((1, 1, 200, 4), 0.25, dtype=torch.float64)
-    o, S = lattice_recurrence(S, z, r, v)
-    close((S * v[:, :, 0, None, :]).sum(-1), torch.ones(1, 1, 4, dtype=torch.float64), "slots aligned with v")
-    assert orthogonal_write(S, z[:, :, 0], v[:, :, 0]).abs().max() < 1e-8

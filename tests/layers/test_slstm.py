@@ -1,15 +1,10 @@
-"""SCRN, IndRNN and sLSTM: properties from their papers that the conformance suite cannot know.
-
-SCRN's context is a closed-form geometric sum and alpha = 0 leaves a plain sigmoid RNN; IndRNN's
-neurons are independent and its recurrent weight respects the paper's bound; sLSTM's output does
-not depend on the stabiliser, its heads are independent RNNs, and it equals the unstabilised
-exponential-gate LSTM where nothing overflows. Exactness checks run in float64, where the only
-differences are rounding (~1e-15 relative), so the tolerances below leave wide headroom.
+"""sLSTM (``recur/layers/slstm.py``): properties from the paper that the conformance suite cannot
+know. The output does not depend on the stabiliser, the heads are independent RNNs, and it
+equals the unstabilised exponential-gate LSTM where nothing overflows. Exactness checks run in
+float64, where the only differences are rounding (~1e-15 relative).
 """
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -17,130 +12,9 @@ import torch.nn.functional as F
 
 import recur
 from recur import State
-from recur.models.lm import Backbone
+from recur.models import Backbone
 
-D = 16
-RTOL, ATOL = 1e-8, 1e-10
-
-
-def make(name, seed=0, **options):
-    torch.manual_seed(seed)
-    return recur.build(name, d_model=D, **options).double()
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def close(a, b, what):
-    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
-
-
-# ---------------------------------------------------------------------------------------- SCRN
-
-
-def test_scrn_with_alpha_zero_is_a_sigmoid_rnn_on_projected_input():
-    """alpha = 0: s_t = B x_t, h_t = sigmoid(P B x_t + A x_t + R h_{t-1}), y_t = U h_t + V B x_t;
-    the carried context is forgotten at once, the carried h is not."""
-    m = make("scrn", alpha=0.0)
-    _, start = m(randn(2, 5, D, seed=2))  # a non-zero (h, s) to start from
-    x = randn(2, 13, D, seed=3)
-    y, state = m(x, start)
-
-    A, B, P, R = m.A.weight, m.B.weight, m.P.weight, m.R
-    h, ys = start["h"], []
-    for t in range(x.shape[1]):
-        s = x[:, t] @ B.T
-        h = torch.sigmoid(s @ P.T + x[:, t] @ A.T + h @ R.T)
-        ys.append(h @ m.U.weight.T + s @ m.V.weight.T)
-    close(y, torch.stack(ys, dim=1), "alpha=0 output vs a sigmoid RNN on [A; PB] x")
-    close(state["h"], h, "final hidden state")
-    close(state["s"], x[:, -1] @ B.T, "final context = B x_T")
-
-
-@pytest.mark.parametrize("alpha", [0.95, 0.5])
-def test_scrn_context_is_the_geometric_sum_of_projected_inputs(alpha):
-    """s_t = alpha^t s_0 + sum_{j<=t} (1 - alpha) alpha^(t-j) B x_j."""
-    m = make("scrn", alpha=alpha)
-    s0 = randn(2, m.d_context, seed=4)
-    start = m.init_state(2, dtype=torch.float64).replace(s=s0)
-    x = randn(2, 25, D, seed=5)
-    bx = x @ m.B.weight.T  # [batch, time, d_context]
-    for t in (1, 7, 25):
-        _, state = m(x[:, :t], start)
-        powers = alpha ** torch.arange(t - 1, -1, -1, dtype=torch.float64)  # alpha^(t-j), j = 1..t
-        expected = alpha**t * s0 + (1 - alpha) * torch.einsum("j,bjc->bc", powers, bx[:, :t])
-        close(state["s"], expected, f"context after {t} steps")
-
-
-def test_scrn_default_sizes_follow_the_paper_ratio():
-    """d_hidden = d_model, d_context = round(0.4 d_hidden) (the paper's 100 hidden / 40 context)."""
-    m = recur.build("scrn", d_model=100)
-    assert (m.d_hidden, m.d_context, m.alpha) == (100, 40, 0.95)
-    assert m.state_size(1) == 140
-
-
-# -------------------------------------------------------------------------------------- IndRNN
-
-
-def test_indrnn_neurons_are_independent():
-    """Changing neuron j's input W x_t + b leaves every other neuron's trajectory unchanged."""
-    m = make("indrnn")
-    _, start = m(randn(2, 5, D, seed=6))
-    x = randn(2, 19, D, seed=7)
-    y, _ = m(x, start)
-    j = 5
-    # An input change that moves only neuron j's pre-activation: W delta = 3 e_j.
-    e = torch.zeros(D, dtype=torch.float64)
-    e[j] = 3.0
-    delta = torch.linalg.solve(m.weight.detach(), e)
-    x2 = x.clone()
-    x2[:, 4:] += delta
-    y2, _ = m(x2, start)
-    others = [i for i in range(D) if i != j]
-    close(y2[..., others], y[..., others], f"neurons other than {j} after changing neuron {j}'s input")
-    assert not torch.allclose(y2[..., j], y[..., j]), "neuron j ignores its own input"
-
-
-def test_indrnn_recurrence_is_elementwise_relu():
-    """h_t = relu(W x_t + u * h_{t-1} + b), u a vector: equal to the paper's formula step by step."""
-    m = make("indrnn")
-    _, start = m(randn(3, 4, D, seed=8))
-    x = randn(3, 17, D, seed=9)
-    y, state = m(x, start)
-    u = m.recurrent_weight
-    h, ys = start["h"], []
-    for t in range(x.shape[1]):
-        h = torch.relu(x[:, t] @ m.weight.T + m.bias + u * h)
-        ys.append(h)
-    close(y, torch.stack(ys, dim=1), "output vs relu(W x + u * h + b)")
-    close(state["h"], h, "final state")
-
-
-@pytest.mark.parametrize("horizon,gamma,long_memory", [(None, 2.0, False), (100, 2.0, False), (100, 2.0, True), (784, 5.0, True)])
-def test_indrnn_recurrent_weight_init_and_bound(horizon, gamma, long_memory):
-    """u starts uniform in [0, gamma^(1/T)] ([gamma^(-1/T), gamma^(1/T)] for long memory; the bound is
-    1 without a horizon) and |u| < gamma^(1/T) for any value of the trainable parameter."""
-    torch.manual_seed(0)
-    m = recur.build("indrnn", d_model=512, horizon=horizon, gamma=gamma, long_memory=long_memory)
-    high = gamma ** (1 / horizon) if horizon else 1.0
-    low = gamma ** (-1 / horizon) if long_memory else 0.0
-    assert math.isclose(m.u_max, high, rel_tol=1e-12)
-    u = m.recurrent_weight.detach().double()
-    assert u.min() >= low - 1e-6 and u.max() <= high, f"init outside [{low}, {high}]: [{u.min()}, {u.max()}]"
-    spread = high - low  # uniform over the whole range, not a corner of it (512 draws)
-    assert u.min() < low + 0.05 * spread and u.max() > high - 0.05 * spread
-    with torch.no_grad():
-        m.v.copy_(torch.linspace(-50, 50, 512))
-    assert m.recurrent_weight.abs().max() <= high, "the parameterisation lets |u| exceed its bound"
-
-
-def test_indrnn_long_memory_needs_a_horizon():
-    with pytest.raises(ValueError, match="horizon"):
-        recur.build("indrnn", d_model=D, long_memory=True)
-
-
-# --------------------------------------------------------------------------------------- sLSTM
+from .helpers import D, close, make, randn
 
 
 def make_slstm(seed=0, **options):
