@@ -1,11 +1,12 @@
 """`recur ...`: a thin shell over the library (every command calls what a Python user would).
 
-    recur run --task mqar --model gla [--d-model 64] [--task-arg num_kv_pairs=8] [--json]
+    recur run --task mqar --model gla [--arch causal_lm] [--d-model 64] [--task-arg num_kv_pairs=8]
+              [--set model.block.mlp=gelu] [--train tbptt:k1=16] [--checkpoint-every 100] [--resume] [--json]
     recur sweep grid.yaml [--workers 2]
     recur bench [--quick]
     recur report [--out recur-report]
     recur speed [--quick] [--json] [--only scan gla ...] [--markdown benchmarks/RESULTS.md]
-    recur tasks | recur models
+    recur tasks | recur models | recur archs | recur methods
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from recur.config import RunConfig, SweepConfig, config_hash, config_problems
+from recur.config import RunConfig, SweepConfig, config_hash, config_problems, to_nested
 from recur.results import DEFAULT_PATH, ResultStore
 
 DEFAULT_REPORT_DIR = "recur-report"
+DEFAULT_CHECKPOINT_DIR = "recur-checkpoints"
 
 
 class UsageError(ValueError):
@@ -92,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "in the store (skipped if this exact config is already there).")
     run.add_argument("--task", required=True, help="task name (see `recur tasks`)")
     run.add_argument("--model", required=True, type=_model_arg,
-                     help="model name, preset, or comma-separated pattern such as mamba,mamba,swa (see `recur models`)")
+                     help="mixer name, preset, or comma-separated pattern such as mamba,mamba,swa (see `recur models`)")
+    run.add_argument("--arch", default=argparse.SUPPRESS,
+                     help="architecture (see `recur archs`; default causal_lm)")
     # Options left out keep the RunConfig default (SUPPRESS: absent from the namespace).
     fields = run.add_argument_group("run config (default: the RunConfig default)", argument_default=argparse.SUPPRESS)
     fields.add_argument("--d-model", type=int, help="width (64)")
@@ -113,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     fields.add_argument("--state-init", choices=["zeros", "noise"], help="initial training state (zeros)")
     fields.add_argument("--state-noise-std", type=float, help="std of the noise initial state (1.0)")
     fields.add_argument("--state-passing", action="store_true", help="carry the state from batch to batch")
+    run.add_argument("--train", dest="methods", action="append", default=[], metavar="METHOD[:KEY=VALUE,...]",
+                     help="add a training method (repeatable; see `recur methods`), e.g. --train tbptt:k1=16,k2=32")
+    run.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="set any config key (repeatable), e.g. --set model.block.mlp=gelu --set optim.lr=3e-3 "
+                          "--set model.args.n_loops=4")
+    run.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                     help="write a checkpoint every N steps (and at the end) under --checkpoint-dir")
+    run.add_argument("--checkpoint-dir", type=Path, default=Path(DEFAULT_CHECKPOINT_DIR),
+                     help=f"checkpoints go to DIR/<run hash>/ (default ./{DEFAULT_CHECKPOINT_DIR})")
+    run.add_argument("--resume", action="store_true",
+                     help="continue this run from its newest checkpoint (ends as an uninterrupted run would)")
     run.add_argument("--task-arg", action="append", metavar="KEY=VALUE", help="task parameter (repeatable)")
     run.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                      help="mixer option (repeatable); MODEL.KEY=VALUE for one model of a pattern")
@@ -154,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = models.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true")
     fmt.add_argument("--markdown", action="store_true", help="print the docs/models.md page")
+    archs = sub.add_parser("archs", help="list the registered architectures (models above the mixer)")
+    archs.add_argument("--json", action="store_true")
+    methods = sub.add_parser("methods", help="list the registered training methods and their options")
+    methods.add_argument("--json", action="store_true")
     return p
 
 
@@ -164,23 +183,45 @@ def _db(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------ commands
 _RUN_FIELDS = ("d_model", "n_layers", "seq_len", "eval_lengths", "steps", "batch_size", "lr", "weight_decay", "warmup",
                "grad_clip", "seed", "mlp", "device", "eval_batches", "early_stop", "state_init", "state_noise_std",
-               "state_passing")
+               "state_passing", "arch")
+
+
+def parse_method(text: str) -> dict[str, Any]:
+    """``tbptt:k1=16,k2=32`` -> ``{"name": "tbptt", "args": {"k1": 16, "k2": 32}}``."""
+    name, _, rest = text.partition(":")
+    if not name.strip():
+        raise UsageError(f"bad --train {text!r}: expected METHOD or METHOD:KEY=VALUE,..., e.g. --train tbptt:k1=16")
+    items = [x for x in rest.split(",") if x.strip()]
+    args = parse_assignments(items, "--train")
+    return {"name": name.strip(), "args": args}
 
 
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
-    fields = {k: getattr(args, k) for k in _RUN_FIELDS if hasattr(args, k)}  # unset: the RunConfig default
-    fields.update(task=args.task, model=args.model,
-                  task_args=parse_assignments(args.task_arg, "--task-arg"),
-                  model_args=parse_assignments(args.model_arg, "--model-arg"))
+    # The flat flags (unset: the RunConfig default), then the training methods, then --set in order.
+    pairs: list[tuple[str, Any]] = [(k, getattr(args, k)) for k in _RUN_FIELDS if hasattr(args, k)]
+    pairs += [("task.name", args.task), ("model.mixer", args.model),
+              ("task.args", parse_assignments(args.task_arg, "--task-arg")),
+              ("model.mixer_args", parse_assignments(args.model_arg, "--model-arg"))]
+    fields = to_nested(pairs)
+    if args.methods:
+        fields["training"] = [*fields.get("training", []), *(parse_method(m) for m in args.methods)]
+    for item in args.sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"bad --set {item!r}: expected KEY.PATH=VALUE, e.g. --set model.block.mlp=gelu")
+        try:
+            fields = to_nested([*fields.items(), (key.strip(), parse_value(value))])
+        except ValueError as e:
+            raise UsageError(f"bad --set {item!r}: {e}") from None
     try:
-        return RunConfig(**fields)
+        return RunConfig.model_validate(fields)
     except ValidationError as e:
         raise UsageError(f"bad run config: {config_problems(e)}") from None
 
 
 def cmd_run(args, out: Console, err: Console) -> int:
     from recur.sweep import import_modules
-    from recur.train import ConfigError, RunResult, train
+    from recur.training import ConfigError, RunResult, train
 
     try:
         import_modules(args.imports)
@@ -190,14 +231,21 @@ def cmd_run(args, out: Console, err: Console) -> int:
     h = config_hash(cfg)
     with ResultStore(args.db) as store:
         stored = store.get(h)
+        if args.resume and args.force:
+            raise UsageError("--resume continues a run from its checkpoint; --force starts it over: choose one")
         if stored is not None and not args.force:
             err.print(f"config {h} is already in {args.db} (recorded {stored['created']}): showing it; "
                       "--force runs it again")
             summary = {k: stored[k] for k in ("task", "model", "seed", "params", "state_size", "train_seq_len",
                                               "steps", "seconds", "metrics")}
         else:
+            ckpt = args.checkpoint_dir / h if (args.checkpoint_every or args.resume) else None
+            if args.resume and (ckpt is None or not (ckpt / "LATEST").exists()):
+                raise UsageError(f"--resume: no checkpoint of run {h} in {args.checkpoint_dir} "
+                                 "(write them with --checkpoint-every N)")
             try:
-                result: RunResult = train(cfg, progress=not args.no_progress and not args.json)
+                result: RunResult = train(cfg, progress=not args.no_progress and not args.json, checkpoint_dir=ckpt,
+                                          checkpoint_every=args.checkpoint_every, resume=args.resume)
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - nothing is written; say why in one line
@@ -227,12 +275,13 @@ def _print_run(summary: dict, h: str, out: Console) -> None:
 
 def _check_names(configs: list[RunConfig]) -> None:
     """Fail before training anything if a task or model name of a sweep is unknown."""
-    from recur.registry import resolve_pattern
+    from recur.registry import ARCHITECTURES, resolve_pattern
     from recur.tasks.base import task_class
 
     for cfg in configs:
-        task_class(cfg.task)
-        resolve_pattern(cfg.model)
+        task_class(cfg.task.name)
+        resolve_pattern(cfg.model.mixer)
+        ARCHITECTURES.get(cfg.model.arch)
 
 
 def _report_sweep(summary, err: Console) -> int:
@@ -395,8 +444,35 @@ def cmd_models(args, out: Console, err: Console) -> int:
     return 0
 
 
+def _registry_table(registry, title: str, args, out: Console) -> int:
+    rows = [registry.describe(n) for n in registry.names()]
+    if args.json:
+        print(json.dumps(rows, default=repr))
+        return 0
+    t = Table(title=title, title_justify="left", show_lines=True)
+    for col in ("name", "family", "options", "description", "paper"):
+        t.add_column(col, style="bold" if col == "name" else None, overflow="fold")
+    for r in rows:
+        options = ", ".join(f"{k}={v!r}" for k, v in r["options"].items()) or "(none)"
+        t.add_row(r["name"], r["family"], options, r["description"], r["paper"])
+    out.print(t)
+    return 0
+
+
+def cmd_archs(args, out: Console, err: Console) -> int:
+    from recur.registry import ARCHITECTURES
+
+    return _registry_table(ARCHITECTURES, "architectures (recur run --arch NAME --set model.args.KEY=VALUE)", args, out)
+
+
+def cmd_methods(args, out: Console, err: Console) -> int:
+    from recur.registry import METHODS
+
+    return _registry_table(METHODS, "training methods (recur run --train NAME:KEY=VALUE,...)", args, out)
+
+
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "bench": cmd_bench,
-            "speed": cmd_speed, "tasks": cmd_tasks, "models": cmd_models}
+            "speed": cmd_speed, "tasks": cmd_tasks, "models": cmd_models, "archs": cmd_archs, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     if not out.is_terminal:  # piped: do not squeeze the leaderboard into 80 columns
         out.width = max(out.width, 160)
-    from recur.train import ConfigError
+    from recur.training import ConfigError
 
     try:
         return COMMANDS[args.command](args, out, err)

@@ -1,110 +1,375 @@
-"""Run and sweep configs: a run is fully described by a serialisable config, and its hash names it.
+"""Run and sweep configs: a run is fully described by a nested, serialisable config, and its hash names it.
 
-    cfg = RunConfig(task="mqar", model="gla", d_model=64, task_args={"num_kv_pairs": 8})
-    config_hash(cfg)                          # "3f2a9c0d1e4b5a67": sha256 of the canonical JSON
-    sweep = SweepConfig.from_yaml("grid.yaml")
-    configs = sweep.expand()                  # models x tasks x sizes x seeds x lrs
+    cfg = RunConfig(task={"name": "mqar", "args": {"num_kv_pairs": 8}}, model={"mixer": "gla", "d_model": 64})
+    cfg = RunConfig(task="mqar", model="gla", d_model=64, task_args={"num_kv_pairs": 8})   # the flat shape, same config
+    cfg.optim.lr, cfg.task.seq_len, cfg.model.block.mlp, cfg.training   # task / model / optim / training / eval
+    config_hash(cfg)                          # "3f2a9c0d1e4b5a67", stable across upgrades (below)
+    configs = SweepConfig.from_yaml("grid.yaml").expand()
 
-A sweep YAML names the grid axes and, beside them, any ``RunConfig`` field shared by every run::
+``RunConfig`` = ``task`` (name, args, training length) + ``model`` (architecture, mixer pattern,
+sizes, per-mixer options, block parts, architecture options) + ``optim`` + ``training`` (a list of
+training methods with their options) + ``eval`` + ``seed`` and ``device``. Every field a user can
+write is validated, and an error names its key (``optim.lr: Input should be greater than 0``).
+The flat keys of earlier versions (``seq_len``, ``lr``, ``mlp``, ``state_init``, ...) are still
+accepted anywhere a config is written (Python, sweep YAML, stored runs) and mean the nested key
+in ``LEGACY_KEYS``.
 
-    models: [lstm, mamba, {name: gla, args: {chunk_size: 16}, overrides: {lr: 3.0e-3}}]
+Run hashes survive upgrades. The hash is sha256 over the canonical JSON of the config in which a
+field is left out when it equals its *frozen* value: the value it had when the field was
+introduced (``FROZEN`` of each section, checked at import: a field without one cannot be added).
+So adding an option with a default leaves every existing hash unchanged, and changing a default
+later does not make an old run and a new run with different values share a hash (the new
+default differs from the frozen value, so it is written out). Task, mixer and architecture
+options are free dicts and are hashed as written; training-method options are validated by the
+method's own ``Params`` and omitted at their frozen values likewise.
+
+A sweep YAML names grid axes and, beside them, any field shared by every run::
+
+    models: [lstm, mamba, {name: gla, args: {chunk_size: 16}, overrides: {optim.lr: 3.0e-3}}]
     tasks: [parity, {name: mqar, args: {num_kv_pairs: 8}, overrides: {seq_len: 128}}]
     sizes: [{d_model: 32}, {d_model: 64, n_layers: 4}]
     seeds: [0, 1]
     lrs: [1.0e-3, 3.0e-3]
-    steps: 1000                               # shared by every run
+    axes: {model.block.mlp: [swiglu, gelu], training: [[], [state_noise]]}   # any nested key
+    optim: {steps: 1000}                      # shared by every run (or `steps: 1000`, or `optim.steps: 1000`)
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recur.registry import CHANNEL_MIXERS, METHODS, NORMS
 
-class RunConfig(BaseModel):
-    """One training run: task x model x size x seed x optimisation."""
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are validated, instances are frozen.
+
+    ``FROZEN`` maps every field that has a default to its value when it was introduced, in its
+    canonical (JSON) form: the hash leaves the field out when it equals that. Never edit an entry;
+    a new field adds one."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    FROZEN: ClassVar[dict[str, Any]] = {}
 
-    task: str = Field(description="registered task name (`recur tasks`)")
-    task_args: dict[str, Any] = Field(default_factory=dict, description="task parameters")
-    model: str | list[str] = Field(description="model name, pattern preset, or a list of model names (a layer pattern)")
-    model_args: dict[str, Any] = Field(default_factory=dict,
-                                       description="mixer options: flat keys for every mixer, {model: {...}} for one")
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs):
+        super().__pydantic_init_subclass__(**kwargs)
+        missing = [n for n, f in cls.model_fields.items() if not f.is_required() and n not in cls.FROZEN]
+        if missing:
+            raise TypeError(f"{cls.__name__}: fields {missing} have defaults but no FROZEN value (the value each "
+                            "had when introduced, which the run hash omits); add them to FROZEN")
+
+
+def canonical(value: Any) -> Any:
+    """The JSON form the hash is taken over: sections without their frozen-valued fields."""
+    if isinstance(value, MethodConfig):
+        args = canonical(value.params())  # the method's options at their frozen values drop out
+        return {"name": value.name, **({"args": args} if args else {})}
+    if isinstance(value, Section):
+        out = {}
+        for name in type(value).model_fields:
+            v = canonical(getattr(value, name))
+            if name in type(value).FROZEN and v == type(value).FROZEN[name]:
+                continue
+            out[name] = v
+        return out
+    if isinstance(value, BaseModel):
+        return canonical(value.model_dump())
+    if isinstance(value, dict):
+        return {str(k): canonical(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [canonical(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------ sections
+class TaskConfig(Section):
+    """Which task, its parameters and the training sequence length."""
+
+    FROZEN: ClassVar[dict[str, Any]] = {"args": {}, "seq_len": 64}
+    name: str = Field(description="registered task name (`recur tasks`)")
+    args: dict[str, Any] = Field(default_factory=dict, description="task parameters (`recur tasks`)")
+    seq_len: int = Field(64, ge=1, description="training sequence length")
+
+
+class BlockConfig(Section):
+    """The parts of every block besides its token mixer."""
+
+    FROZEN: ClassVar[dict[str, Any]] = {"mlp": "swiglu", "ratio": 4.0, "norm": "rmsnorm", "mlp_args": {}}
+    mlp: str | None = Field("swiglu", description="the channel mixer after each token mixer (swiglu, gelu, rwkv4) or None")
+    ratio: float = Field(4.0, gt=0, description="channel mixer hidden width / d_model")
+    norm: str = Field("rmsnorm", description="norm before each part (rmsnorm, layernorm)")
+    mlp_args: dict[str, Any] = Field(default_factory=dict, description="further channel mixer options")
+
+    @field_validator("mlp")
+    @classmethod
+    def _known_channel(cls, v):
+        if v is not None and v not in CHANNEL_MIXERS:
+            raise CHANNEL_MIXERS.unknown(v)
+        return v
+
+    @field_validator("norm")
+    @classmethod
+    def _known_norm(cls, v):
+        if v not in NORMS:
+            raise NORMS.unknown(v)
+        return v
+
+
+class ModelConfig(Section):
+    """The architecture, its token mixers (a pattern), sizes, block parts and own options."""
+
+    FROZEN: ClassVar[dict[str, Any]] = {"arch": "causal_lm", "d_model": 64, "n_layers": 2, "mixer_args": {},
+                                        "block": {}, "args": {}}
+    arch: str = Field("causal_lm", description="registered architecture (`recur archs`)")
+    mixer: str | list[str] = Field(description="model name, pattern preset, or a list of model names (a layer pattern)")
     d_model: int = Field(64, ge=1)
     n_layers: int = Field(2, ge=1)
-    mlp: Literal["swiglu", "gelu"] | None = Field("swiglu", description="channel mixer after each mixer, or None")
-    seq_len: int = Field(64, ge=1, description="training sequence length")
-    eval_lengths: list[int] = Field(default_factory=list, description="default: [seq_len, 4 * seq_len]")
-    steps: int = Field(2000, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup: float = Field(0.1, ge=0, description="warm-up: a fraction of steps if < 1, else a number of steps")
-    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine decays to lr * this")
-    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm, None: no clipping")
-    seed: int = 0
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
-    eval_batches: int = Field(4, ge=1, description="batches of batch_size test sequences per eval length")
-    early_stop: float | None = Field(0.99, gt=0, le=1,
-                                     description="stop when the mean training accuracy of the last "
-                                                 "early_stop_window steps reaches this; None: never")
-    early_stop_window: int = Field(20, ge=1)
-    state_init: Literal["zeros", "noise"] = Field("zeros", description="initial state of every training sequence")
-    state_noise_std: float = Field(1.0, ge=0, description="std of the Gaussian initial state (state_init='noise')")
-    state_passing: bool = Field(False, description="start each training batch from the previous batch's final state")
+    mixer_args: dict[str, Any] = Field(default_factory=dict,
+                                       description="mixer options: flat keys for every mixer, {model: {...}} for one")
+    block: BlockConfig = Field(default_factory=BlockConfig)
+    args: dict[str, Any] = Field(default_factory=dict, description="options of the architecture (e.g. n_loops)")
 
-    @field_validator("model")
+    @field_validator("mixer")
     @classmethod
-    def _model_not_empty(cls, v):
+    def _mixer_not_empty(cls, v):
         if isinstance(v, list) and not v:
             raise ValueError("a layer pattern needs at least one model name")
         return v
 
-    @field_validator("eval_lengths")
+    @property
+    def name(self) -> str:
+        """A display name: the mixer or preset name, or the pattern joined by '+' (and the architecture
+        when it is not causal_lm)."""
+        mixer = self.mixer if isinstance(self.mixer, str) else "+".join(self.mixer)
+        return mixer if self.arch == "causal_lm" else f"{self.arch}:{mixer}"
+
+
+class OptimConfig(Section):
+    """AdamW with warm-up and cosine decay, clipping, the step budget and the early-stop rule."""
+
+    FROZEN: ClassVar[dict[str, Any]] = {"steps": 2000, "batch_size": 64, "lr": 0.001, "weight_decay": 0.1,
+                                        "warmup": 0.1, "min_lr_ratio": 0.0, "grad_clip": 1.0, "early_stop": 0.99,
+                                        "early_stop_window": 20}
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.1, ge=0)
+    warmup: float = Field(0.1, ge=0, description="warm-up: a fraction of steps if < 1, else a number of steps")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine decays to lr * this")
+    grad_clip: float | None = Field(1.0, gt=0, description="max global gradient norm, None: no clipping")
+    early_stop: float | None = Field(0.99, gt=0, le=1,
+                                     description="stop when the mean training accuracy of the last "
+                                                 "early_stop_window steps reaches this; None: never")
+    early_stop_window: int = Field(20, ge=1)
+
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup * self.steps)) if self.warmup < 1 else min(int(self.warmup), self.steps)
+
+
+class MethodConfig(Section):
+    """One training method (``recur methods``) and its options (validated by the method's Params)."""
+
+    FROZEN: ClassVar[dict[str, Any]] = {"args": {}}
+    name: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _short_forms(cls, data):
+        """``"tbptt"`` and ``{name: tbptt, k1: 16}`` mean ``{name: tbptt, args: {k1: 16}}``."""
+        if isinstance(data, str):
+            return {"name": data}
+        if isinstance(data, dict) and "name" in data and set(data) - {"name", "args"}:
+            rest = {k: v for k, v in data.items() if k not in ("name", "args")}
+            return {"name": data["name"], "args": {**dict(data.get("args") or {}), **rest}}
+        return data
+
+    @model_validator(mode="after")
+    def _known_method(self):
+        entry = METHODS.get(self.name) if self.name in METHODS else None
+        if entry is None:
+            raise METHODS.unknown(self.name)
+        params = entry.cls.Params
+        try:
+            checked = params(**self.args)
+        except ValidationError as e:
+            raise ValueError(f"bad options for training method {self.name!r}: {config_problems(e)}") from None
+        # Every option, defaults filled in: the hash then omits those at their frozen values, so a
+        # default that changes later cannot make two different runs share a name.
+        object.__setattr__(self, "args", checked.model_dump(mode="json"))
+        return self
+
+    def params(self):
+        """The method's validated options (a ``Params`` instance, defaults filled in)."""
+        return METHODS.get(self.name).cls.Params(**self.args)
+
+
+class EvalConfig(Section):
+    """Where a run is evaluated: the lengths (default: the training length and 4x) and batches per length."""
+
+    FROZEN: ClassVar[dict[str, Any]] = {"lengths": [], "batches": 4}
+    lengths: list[int] = Field(default_factory=list, description="default: [seq_len, 4 * seq_len]")
+    batches: int = Field(4, ge=1, description="batches of batch_size test sequences per eval length")
+
+    @field_validator("lengths")
     @classmethod
     def _positive_lengths(cls, v):
         if any(n < 1 for n in v):
             raise ValueError(f"eval lengths must be >= 1, got {v}")
         return sorted(set(v))
 
+
+# Flat keys of the first config shape -> their nested place (the training methods are handled apart).
+LEGACY_KEYS = {
+    "task_args": "task.args", "seq_len": "task.seq_len",
+    "model_args": "model.mixer_args", "d_model": "model.d_model", "n_layers": "model.n_layers",
+    "mlp": "model.block.mlp", "arch": "model.arch",
+    **{k: f"optim.{k}" for k in ("steps", "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip",
+                                  "early_stop", "early_stop_window")},
+    "eval_lengths": "eval.lengths", "eval_batches": "eval.batches",
+}
+_LEGACY_METHOD_KEYS = ("state_init", "state_noise_std", "state_passing")
+
+
+class RunConfig(Section):
+    """One training run: task x model x optimisation x training methods x evaluation x seed."""
+
+    FROZEN: ClassVar[dict[str, Any]] = {"optim": {}, "training": [], "eval": {}, "seed": 0, "device": "auto"}
+    task: TaskConfig
+    model: ModelConfig
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    training: list[MethodConfig] = Field(default_factory=list, description="training methods, applied in order")
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data):
+        return to_nested(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _default_eval_lengths(self):
-        if not self.eval_lengths:
+        if not self.eval.lengths:
             # frozen model: fill the derived default once, so the dump (and the hash) shows it
-            object.__setattr__(self, "eval_lengths", [self.seq_len, 4 * self.seq_len])
+            n = self.task.seq_len
+            object.__setattr__(self, "eval", self.eval.model_copy(update={"lengths": [n, 4 * n]}))
         return self
 
     @property
     def model_name(self) -> str:
-        """A display name: the model or preset name, or the pattern joined by '+'."""
-        return self.model if isinstance(self.model, str) else "+".join(self.model)
+        return self.model.name
 
     def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.steps)) if self.warmup < 1 else min(int(self.warmup), self.steps)
+        return self.optim.warmup_steps()
+
+    def method(self, name: str) -> MethodConfig | None:
+        """The training method ``name`` of this run, if it has one."""
+        return next((m for m in self.training if m.name == name), None)
 
     def canonical_json(self) -> str:
+        """The JSON the hash is taken over (frozen-valued fields left out)."""
+        return json.dumps(canonical(self), sort_keys=True, separators=(",", ":"))
+
+    def full_json(self) -> str:
+        """Every field, defaults included: what the results store keeps for reading."""
         return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
 def config_hash(cfg: RunConfig) -> str:
-    """The run's name: first 16 hex digits of sha256 over the canonical JSON of the full config."""
+    """The run's name: first 16 hex digits of sha256 over the canonical JSON of the config."""
     return hashlib.sha256(cfg.canonical_json().encode()).hexdigest()[:16]
 
 
 def config_problems(e: ValidationError) -> str:
-    """A pydantic error as one readable line: ``field: message; field: message``."""
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in e.errors())
+    """A pydantic error as one readable line: ``key.path: message; key: message``."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "config"
+        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------ nested keys
+def deep_merge(base: dict, update: dict) -> dict:
+    """``update`` over ``base``; nested dicts merge key by key, anything else is replaced."""
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def set_path(data: dict, path: str, value: Any) -> None:
+    """``set_path(d, "model.block.mlp", "gelu")``; sections given as names become dicts."""
+    keys = path.split(".")
+    if not all(keys):
+        raise ValueError(f"bad config key {path!r}: expected dotted names such as model.block.mlp")
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        elif isinstance(child, str) and i == 0 and k in _NAMED:
+            child = node[k] = {_NAMED[k]: child}
+        elif not isinstance(child, dict):
+            raise ValueError(f"bad config key {path!r}: {'.'.join(keys[:i + 1])} is a value, not a section")
+        node = child
+    node[keys[-1]] = copy.deepcopy(value)
+
+
+_NAMED = {"task": "name", "model": "mixer"}  # a section written as a plain name
+_SECTIONS = set(RunConfig.model_fields)
+
+
+def to_nested(data: dict | list[tuple[str, Any]]) -> dict:
+    """A config in any accepted shape (nested sections, dotted keys, the flat keys of the first
+    version; a dict or a list of (key, value) pairs) as nested dicts. Keys are applied in order: a
+    later key wins, and a later section merges into an earlier one key by key."""
+    out: dict[str, Any] = {}
+    legacy_methods: dict[str, Any] = {}
+    for key, value in (data.items() if isinstance(data, dict) else data):
+        if key in _LEGACY_METHOD_KEYS:
+            legacy_methods[key] = value
+        elif key in _NAMED and (isinstance(value, str) or (key == "model" and isinstance(value, list))):
+            set_path(out, f"{key}.{_NAMED[key]}", value)
+        elif key in _SECTIONS and isinstance(value, dict):
+            out[key] = deep_merge(out.get(key) if isinstance(out.get(key), dict) else {}, copy.deepcopy(value))
+        elif key in _SECTIONS:
+            out[key] = copy.deepcopy(value)
+        elif key in LEGACY_KEYS:
+            set_path(out, LEGACY_KEYS[key], value)
+        elif "." in key:
+            set_path(out, key, value)
+        else:
+            out[key] = value  # unknown: validation names it
+    if legacy_methods:
+        methods = list(out.get("training") or [])
+        names = {m if isinstance(m, str) else m.get("name") for m in methods}
+        if legacy_methods.get("state_passing") and "state_passing" not in names:
+            methods.append({"name": "state_passing"})
+        init = legacy_methods.get("state_init", "zeros")
+        if init not in ("zeros", "noise"):
+            raise ValueError(f"state_init: expected 'zeros' or 'noise', got {init!r}")
+        if init == "noise" and "state_noise" not in names:
+            std = legacy_methods.get("state_noise_std", 1.0)
+            methods.append({"name": "state_noise", "args": {} if std == 1.0 else {"std": std}})
+        out["training"] = methods
+    return out
 
 
 # ------------------------------------------------------------------ sweeps
 class TaskSpec(BaseModel):
-    """One task of a sweep: its name, parameters and any RunConfig fields it overrides (e.g. seq_len)."""
+    """One task of a sweep: its name, parameters and any run fields it overrides (e.g. seq_len)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
@@ -113,11 +378,12 @@ class TaskSpec(BaseModel):
 
 
 class ModelSpec(BaseModel):
-    """One model of a sweep: a name, preset or pattern, its mixer options and any RunConfig overrides."""
+    """One model of a sweep: a mixer name, preset or pattern, its options, an architecture, any overrides."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str | list[str]
     args: dict[str, Any] = Field(default_factory=dict)
+    arch: str | None = Field(None, description="architecture (default: the shared one, else causal_lm)")
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -127,11 +393,15 @@ class Size(BaseModel):
     n_layers: int | None = Field(None, ge=1)
 
 
-_GRID_KEYS = {"models", "tasks", "sizes", "seeds", "lrs", "shared", "imports"}
+_GRID_KEYS = {"models", "tasks", "sizes", "seeds", "lrs", "axes", "shared", "imports"}
+
+
+def _is_run_key(key: str) -> bool:
+    return key in _SECTIONS or key in LEGACY_KEYS or key in _LEGACY_METHOD_KEYS or key.split(".")[0] in _SECTIONS
 
 
 class SweepConfig(BaseModel):
-    """A grid of runs: models x tasks x sizes x seeds x lrs, plus fields shared by every run."""
+    """A grid of runs: models x tasks x sizes x seeds x lrs x axes, plus fields shared by every run."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -140,23 +410,25 @@ class SweepConfig(BaseModel):
     sizes: list[Size] = Field(default_factory=lambda: [Size()])
     seeds: list[int] = Field(default_factory=lambda: [0])
     lrs: list[float] | None = Field(None, description="None: the shared lr")
-    shared: dict[str, Any] = Field(default_factory=dict, description="RunConfig fields common to every run")
+    axes: dict[str, list[Any]] = Field(default_factory=dict, description="any nested key -> the values it takes")
+    shared: dict[str, Any] = Field(default_factory=dict, description="run fields common to every run")
     imports: list[str] = Field(default_factory=list,
                                description="modules to import first (they register custom tasks or models)")
 
     @model_validator(mode="before")
     @classmethod
     def _collect_shared(cls, data):
-        """Top-level RunConfig fields go to ``shared``; names as plain strings become specs."""
+        """Top-level run fields go to ``shared``; names as plain strings become specs."""
         if not isinstance(data, dict):
             return data
         data = dict(data)
         shared = dict(data.pop("shared", None) or {})
         for key in list(data):
             if key not in _GRID_KEYS:
-                if key not in RunConfig.model_fields:
-                    raise ValueError(f"unknown sweep key {key!r}: expected one of {sorted(_GRID_KEYS)} "
-                                     f"or a run field ({', '.join(RunConfig.model_fields)})")
+                if not _is_run_key(key):
+                    raise ValueError(f"unknown sweep key {key!r}: expected one of {sorted(_GRID_KEYS)} or a run "
+                                     f"field ({', '.join(sorted(_SECTIONS))}, a dotted key such as optim.lr, or "
+                                     f"one of {', '.join(LEGACY_KEYS)})")
                 shared[key] = data.pop(key)
         data["shared"] = shared
         for axis in ("models", "tasks"):
@@ -172,9 +444,19 @@ class SweepConfig(BaseModel):
     @field_validator("shared")
     @classmethod
     def _no_axes_in_shared(cls, v):
-        bad = sorted(set(v) & {"task", "model", "task_args", "model_args"})
+        bad = sorted(k for k in v if k in {"task", "model", "task_args", "model_args"} and not isinstance(v[k], dict))
         if bad:
             raise ValueError(f"{bad} are grid axes: use 'tasks' and 'models' (with 'args')")
+        return v
+
+    @field_validator("axes")
+    @classmethod
+    def _axes_are_run_keys(cls, v):
+        for key, values in v.items():
+            if not _is_run_key(key):
+                raise ValueError(f"axis {key!r} is not a run field (a dotted key such as model.block.mlp)")
+            if not values:
+                raise ValueError(f"axis {key!r} has no values")
         return v
 
     @classmethod
@@ -189,26 +471,32 @@ class SweepConfig(BaseModel):
             raise ValueError(f"{path}: bad sweep config: {config_problems(e)}") from None
 
     def expand(self) -> list[RunConfig]:
-        """Every run of the grid (duplicates removed), ordered task, size, model, seed, lr."""
+        """Every run of the grid (duplicates removed), ordered task, size, model, seed, lr, axes."""
         runs, seen = [], set()
+        axis_values = list(itertools.product(*self.axes.values())) if self.axes else [()]
         for task in self.tasks:
             for size in self.sizes:
                 for model in self.models:
                     for seed in self.seeds:
                         for lr in self.lrs or [None]:
-                            fields = {**self.shared, **task.overrides, **model.overrides}
-                            fields.update(task=task.name, task_args=task.args, model=model.name, model_args=model.args,
-                                          seed=seed)
-                            fields.update({k: v for k, v in size.model_dump().items() if v is not None})
-                            if lr is not None:
-                                fields["lr"] = lr
-                            try:
-                                cfg = RunConfig(**fields)
-                            except ValidationError as e:
-                                raise ValueError(f"bad run in sweep (task {task.name!r}, model {model.name!r}): "
-                                                 f"{config_problems(e)}") from None
-                            h = config_hash(cfg)
-                            if h not in seen:
-                                seen.add(h)
-                                runs.append(cfg)
+                            for point in axis_values:
+                                grid = {"task.name": task.name, "task.args": task.args, "model.mixer": model.name,
+                                        "model.mixer_args": model.args, "seed": seed}
+                                if model.arch is not None:
+                                    grid["model.arch"] = model.arch
+                                grid.update({f"model.{k}": v for k, v in size.model_dump().items() if v is not None})
+                                if lr is not None:
+                                    grid["optim.lr"] = lr
+                                grid.update(zip(self.axes, point))
+                                fields = to_nested([*self.shared.items(), *task.overrides.items(),
+                                                    *model.overrides.items(), *grid.items()])
+                                try:
+                                    cfg = RunConfig.model_validate(fields)
+                                except ValidationError as e:
+                                    raise ValueError(f"bad run in sweep (task {task.name!r}, model {model.name!r}): "
+                                                     f"{config_problems(e)}") from None
+                                h = config_hash(cfg)
+                                if h not in seen:
+                                    seen.add(h)
+                                    runs.append(cfg)
         return runs

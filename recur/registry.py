@@ -1,82 +1,194 @@
-"""The model registry: every mixer registers itself by name; the CLI, the docs table
-and the conformance suite read it.
+"""Registries: one ``Registry`` class for every kind of named component.
 
-    @register("gla", family="matrix-state", paper="Gated Linear Attention Transformers ...")
+    @MIXERS.register("gla", family="matrix-state", paper="Gated Linear Attention Transformers ...")
     class GLA(Mixer): ...
 
-    recur.list_models()            # ["attention", "deltanet", ...]
+    MIXERS.names()                 # ["aaren", "attention", ...]
+    MIXERS.get("glaa")             # ValueError: unknown mixer 'glaa'. Did you mean 'gla'? ...
+    MIXERS.describe("gla")         # {"name", "kind", "family", "paper", "description", "options"}
     recur.build("gla", d_model=64) # a GLA mixer
+
+Kinds: mixers (token mixers), channel mixers and norms (the other parts of a block), layer
+patterns (hybrid presets), architectures (models above the mixer), tasks, training methods and
+speed cases. This module is a leaf: it imports nothing of recur. What gets registered is listed
+explicitly, one module per line, in each package's ``__init__`` (``recur/layers``, ``recur/models``,
+``recur/tasks``, ``recur/training/methods``), and ``import recur`` imports those packages, so a
+lookup never imports upwards and a module that fails to import names itself (``load_modules``).
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
-from typing import Any, Callable
+import importlib
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class Entry(Generic[T]):
+    """One registered component: its name, the object (a class or a value) and what it is."""
+
     name: str
-    cls: type
-    family: str
-    paper: str
+    obj: T
+    kind: str
+    family: str = ""
+    paper: str = ""
+    description: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cls(self) -> T:
+        """The registered class (``model_info(name).cls``)."""
+        return self.obj
 
 
-_MODELS: dict[str, ModelInfo] = {}
-_PATTERNS: dict[str, tuple[str, ...]] = {}
+def _options(obj: Any) -> dict[str, Any]:
+    """Keyword options and defaults: a pydantic ``Params`` class if the object has one, else its
+    constructor's (or function's) keyword parameters."""
+    params = getattr(obj, "Params", None)
+    if params is not None and hasattr(params, "model_fields"):
+        return {k: f.default for k, f in params.model_fields.items()}
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    if not callable(target):
+        return {}
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return {}
+    return {k: p.default for k, p in sig.parameters.items()
+            if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+
+
+class Registry(Generic[T]):
+    """Named components of one kind: register by decorator, list, look up with close-name hints."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, *, family: str = "", paper: str = "", description: str = "",
+                 **meta: Any) -> Callable[[T], T]:
+        """Decorator registering a class or function under the lower-case ``name``."""
+        self._check_name(name)
+
+        def decorate(obj: T) -> T:
+            self.add(name, obj, family=family, paper=paper, description=description, **meta)
+            if inspect.isclass(obj):
+                obj.name = name
+            return obj
+
+        return decorate
+
+    def _check_name(self, name: Any) -> None:
+        if not isinstance(name, str) or not name or name != name.lower():
+            raise ValueError(f"{self.kind} names are non-empty lower-case strings, got {name!r}")
+
+    def add(self, name: str, obj: T, *, family: str = "", paper: str = "", description: str = "", **meta: Any) -> None:
+        self._check_name(name)
+        old = self._entries.get(name)
+        if old is not None and old.obj is not obj:
+            # The same class re-registered (a module imported twice) is fine; another is a clash.
+            same = inspect.isclass(obj) and inspect.isclass(old.obj) and obj.__qualname__ == old.obj.__qualname__ \
+                and obj.__module__ == old.obj.__module__
+            if not same:
+                owner = getattr(old.obj, "__qualname__", repr(old.obj))
+                raise ValueError(f"{self.kind} name {name!r} is already registered by {owner}")
+        if not description and inspect.isclass(obj) and obj.__doc__:
+            description = obj.__doc__.strip().splitlines()[0]
+        self._entries[name] = Entry(name, obj, self.kind, family, paper, description, dict(meta))
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def in_order(self) -> list[str]:
+        """Names in the order they were registered (speed cases run so)."""
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def unknown(self, name: Any, known: list[str] | None = None, what: str | None = None) -> ValueError:
+        """The error for an unknown name: the closest names, then every known one."""
+        known = self.names() if known is None else known
+        what = what or self.kind
+        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        return ValueError(f"unknown {what} {name!r}.{hint} Known {what}s: {', '.join(known) or '(none)'}")
+
+    def get(self, name: str) -> Entry[T]:
+        if name not in self._entries:
+            raise self.unknown(name)
+        return self._entries[name]
+
+    def describe(self, name: str) -> dict[str, Any]:
+        """What `recur archs` / `recur models` show: name, kind, family, paper, description, options."""
+        e = self.get(name)
+        return {"name": e.name, "kind": e.kind, "family": e.family, "paper": e.paper,
+                "description": e.description, "options": _options(e.obj), **e.meta}
+
+
+def load_modules(package: str, modules: tuple[str, ...] | list[str]) -> None:
+    """Import ``package.module`` for each name (running their ``register`` decorators); a module
+    that fails to import is named in the error instead of breaking every lookup anonymously."""
+    for name in modules:
+        try:
+            importlib.import_module(f"{package}.{name}")
+        except Exception as e:
+            raise ImportError(f"recur could not import {package}.{name} (it registers components): "
+                              f"{type(e).__name__}: {e}") from e
+
+
+# ------------------------------------------------------------------ the registries
+MIXERS: Registry[type] = Registry("model")  # token mixers; "model" in messages, as `recur models` calls them
+CHANNEL_MIXERS: Registry[type] = Registry("channel mixer")
+NORMS: Registry[type] = Registry("norm")
+PATTERNS: Registry[tuple[str, ...]] = Registry("pattern")
+ARCHITECTURES: Registry[type] = Registry("architecture")
+TASKS: Registry[type] = Registry("task")
+METHODS: Registry[type] = Registry("training method")
+SPEED_CASES: Registry[Callable] = Registry("speed case")
+
+
+# ------------------------------------------------------------------ mixers (the original API)
+ModelInfo = Entry  # model_info(name) -> Entry with .cls, .family, .paper
 
 
 def register(name: str, *, family: str, paper: str) -> Callable[[type], type]:
     """Class decorator registering a mixer under a unique lower-case ``name``."""
-    if name != name.lower():
-        raise ValueError(f"model names are lower-case, got {name!r}")
-
-    def decorate(cls: type) -> type:
-        if name in _MODELS and _MODELS[name].cls is not cls:
-            raise ValueError(f"model name {name!r} is already registered by {_MODELS[name].cls.__qualname__}")
-        _MODELS[name] = ModelInfo(name=name, cls=cls, family=family, paper=paper)
-        cls.name = name
-        return cls
-
-    return decorate
+    if name in PATTERNS:
+        raise ValueError(f"model name {name!r} clashes with a pattern name")
+    return MIXERS.register(name, family=family, paper=paper)
 
 
 def register_pattern(name: str, pattern: list[str] | tuple[str, ...]) -> None:
     """Register a named layer pattern (a hybrid preset such as ``samba``)."""
-    if name in _MODELS:
+    if name in MIXERS:
         raise ValueError(f"pattern name {name!r} clashes with a model name")
-    _PATTERNS[name] = tuple(pattern)
-
-
-def _load_all() -> None:
-    # Importing the layers package runs every @register decorator.
-    import recur.layers  # noqa: F401
+    PATTERNS.add(name, tuple(pattern))
 
 
 def list_models() -> list[str]:
     """Names of all registered mixers, sorted."""
-    _load_all()
-    return sorted(_MODELS)
+    return MIXERS.names()
 
 
 def list_patterns() -> dict[str, tuple[str, ...]]:
     """Named layer patterns (hybrid presets), e.g. ``{"samba": ("mamba", "swa")}``."""
-    _load_all()
-    return dict(sorted(_PATTERNS.items()))
+    return {n: PATTERNS.get(n).obj for n in PATTERNS.names()}
 
 
-def _unknown(kind: str, name: str, known: list[str]) -> ValueError:
-    close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
-    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    return ValueError(f"unknown {kind} {name!r}.{hint} Known {kind}s: {', '.join(known)}")
-
-
-def model_info(name: str) -> ModelInfo:
-    _load_all()
-    if name not in _MODELS:
-        raise _unknown("model", name, sorted(_MODELS))
-    return _MODELS[name]
+def model_info(name: str) -> Entry:
+    return MIXERS.get(name)
 
 
 def hybrid(linear: str, ratio: int = 3, attention: str = "attention") -> tuple[str, ...]:
@@ -88,7 +200,6 @@ def hybrid(linear: str, ratio: int = 3, attention: str = "attention") -> tuple[s
     Transformer-level recall. As a string pattern: ``"hybrid:gated_deltanet:3"`` (and
     ``"hybrid:gla:6:swa"`` to choose the attention layer), usable from configs and the CLI.
     """
-    _load_all()
     if isinstance(ratio, bool) or not isinstance(ratio, int) or ratio < 1:
         raise ValueError(f"hybrid ratio (linear layers per attention layer) must be an int >= 1, got {ratio!r}")
     for name in (linear, attention):
@@ -110,15 +221,14 @@ def _parse_hybrid(pattern: str) -> tuple[str, ...]:
 def resolve_pattern(pattern: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
     """A pattern given as a preset name, a single model name, a ``hybrid:LINEAR:RATIO`` string,
     or a list of model names."""
-    _load_all()
     if isinstance(pattern, str):
-        if pattern in _PATTERNS:
-            return _PATTERNS[pattern]
+        if pattern in PATTERNS:
+            return PATTERNS.get(pattern).obj
         if pattern.startswith("hybrid:"):
             return _parse_hybrid(pattern)
-        if pattern in _MODELS:
+        if pattern in MIXERS:
             return (pattern,)
-        raise _unknown("model or pattern", pattern, sorted(_MODELS) + sorted(_PATTERNS))
+        raise MIXERS.unknown(pattern, MIXERS.names() + PATTERNS.names(), what="model or pattern")
     names = tuple(pattern)
     if not names:
         raise ValueError("a layer pattern needs at least one model name")
@@ -129,5 +239,4 @@ def resolve_pattern(pattern: str | list[str] | tuple[str, ...]) -> tuple[str, ..
 
 def build(name: str, d_model: int, **config: Any):
     """Build the mixer registered as ``name`` with width ``d_model``."""
-    info = model_info(name)
-    return info.cls(d_model=d_model, **config)
+    return model_info(name).cls(d_model=d_model, **config)

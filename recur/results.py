@@ -9,6 +9,11 @@
 Each run is written in its own transaction (WAL journal), so a process killed at any
 moment (SIGKILL included) leaves every finished run intact and no partial one: an
 interrupted sweep resumes where it stopped. Reports are built from here, never from memory.
+
+Schema versions: 1 kept the flat config of recur's first release and its hash over every field;
+2 keeps the nested config and the upgrade-stable hash (``recur.config``). A store of an older
+schema is migrated when opened, in one transaction: every run's config is read in the flat shape,
+rewritten nested, and renamed by its new hash, so a sweep over it skips its finished runs.
 """
 
 from __future__ import annotations
@@ -21,15 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from recur.train import RunResult
+    from recur.training import RunResult
 
 DEFAULT_PATH = "recur-results.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     hash           TEXT PRIMARY KEY,   -- config_hash(config)
-    config         TEXT NOT NULL,      -- canonical JSON of the RunConfig
+    config         TEXT NOT NULL,      -- JSON of the (nested) RunConfig, every field
     task           TEXT NOT NULL,
     model          TEXT NOT NULL,      -- model name, preset, or pattern joined by '+'
     seed           INTEGER NOT NULL,
@@ -65,6 +70,13 @@ class ResultStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)  # transactions explicit
         self._conn.row_factory = sqlite3.Row
+        try:
+            self._open()
+        except BaseException:  # a newer store, a failed migration: let go of the file, not only at GC
+            self._conn.close()
+            raise
+
+    def _open(self) -> None:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=NORMAL")  # durable against a killed process in WAL mode
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -74,7 +86,35 @@ class ResultStore:
             for statement in _SCHEMA.split(";"):  # executescript would commit on its own
                 if statement.strip():
                     self._conn.execute(statement)
+            if version == 1:
+                self.migrated = self._migrate_v1()
             self._conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    migrated = 0  # runs renamed by the migration that opening this store ran
+
+    def _migrate_v1(self) -> int:
+        """Schema 1 -> 2 (inside the opening transaction): nested configs, upgrade-stable hashes.
+
+        Two old runs can become one (the old hash counted a field that had no effect, such as the
+        noise std of a run without state noise): the newer one is kept, as a rerun would replace it."""
+        from pydantic import ValidationError
+
+        from recur.config import RunConfig, config_hash, config_problems
+
+        rows = [dict(r) for r in self._conn.execute("SELECT * FROM runs ORDER BY created, hash")]
+        self._conn.execute("DELETE FROM runs")
+        for row in rows:
+            try:
+                cfg = RunConfig.model_validate(json.loads(row["config"]))
+            except (ValueError, TypeError) as e:
+                detail = config_problems(e) if isinstance(e, ValidationError) else str(e)
+                raise ValueError(f"{self.path}: cannot migrate run {row['hash']} to schema {SCHEMA_VERSION} "
+                                 f"(nothing was changed): {detail}") from e
+            row.update(hash=config_hash(cfg), config=cfg.full_json(), lr=cfg.optim.lr, d_model=cfg.model.d_model,
+                       n_layers=cfg.model.n_layers, model=cfg.model_name)
+            self._conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) "
+                               f"VALUES ({', '.join(':' + c for c in _COLUMNS)})", row)
+        return len(rows)
 
     def _transaction(self):
         conn = self._conn
@@ -103,8 +143,8 @@ class ResultStore:
         """Record a finished run (replacing an earlier run of the same config) in one transaction."""
         cfg = result.config
         row = {
-            "hash": result.config_hash, "config": cfg.canonical_json(), "task": result.task, "model": result.model,
-            "seed": result.seed, "d_model": cfg.d_model, "n_layers": cfg.n_layers, "lr": cfg.lr,
+            "hash": result.config_hash, "config": cfg.full_json(), "task": result.task, "model": result.model,
+            "seed": result.seed, "d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "lr": cfg.optim.lr,
             "params": result.params, "state_size": result.state_size, "train_seq_len": result.train_seq_len,
             "steps": result.steps, "seconds": result.seconds, "metrics": json.dumps(result.metrics, sort_keys=True),
             "train_loss": result.train_loss, "train_accuracy": result.train_accuracy,
@@ -168,7 +208,11 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ aggregation
-_NOT_GROUPED = {"seed", "lr", "device"}
+def _grouping(config: dict) -> dict:
+    """The config without what the leaderboard averages (seed) or picks the best of (lr), nor the device."""
+    out = {k: v for k, v in config.items() if k not in ("seed", "device")}
+    out["optim"] = {k: v for k, v in config.get("optim", {}).items() if k != "lr"}
+    return out
 
 
 def _args_label(args: dict) -> str:
@@ -177,19 +221,27 @@ def _args_label(args: dict) -> str:
 
 def task_label(config: dict) -> str:
     """``mqar`` or ``mqar(num_kv_pairs=8)``."""
-    args = _args_label(config.get("task_args", {}))
-    return f"{config['task']}({args})" if args else config["task"]
+    task = config["task"]
+    args = _args_label(task.get("args", {}))
+    return f"{task['name']}({args})" if args else task["name"]
 
 
 def model_label(config: dict) -> str:
-    """The model name with its options and length-generalization interventions, if any."""
-    model = config["model"] if isinstance(config["model"], str) else "+".join(config["model"])
-    args = _args_label(config.get("model_args", {}))
-    label = f"{model}({args})" if args else model
-    if config.get("state_init") == "noise":
-        label += " +noise"
-    if config.get("state_passing"):
-        label += " +passing"
+    """The model name with its options, block parts that differ from the default, and training methods."""
+    from recur.config import BlockConfig, RunConfig, canonical
+    from recur.registry import METHODS
+
+    cfg = RunConfig.model_validate(config)
+    m = cfg.model
+    args = _args_label(m.mixer_args)
+    label = f"{m.name}({args})" if args else m.name
+    extras = {**canonical(m.block), **m.args} if m.block != BlockConfig() or m.args else {}
+    if extras:
+        label += f" {{{_args_label(extras)}}}"  # braces: square brackets are rich markup
+    for method in cfg.training:
+        cls = METHODS.get(method.name).cls
+        instance = cls(method.params())
+        label += " " + (instance.label or f"+{method.name}")
     return label
 
 
@@ -207,7 +259,7 @@ def leaderboard(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     groups: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
-        key = json.dumps({k: v for k, v in run["config"].items() if k not in _NOT_GROUPED}, sort_keys=True)
+        key = json.dumps(_grouping(run["config"]), sort_keys=True)
         groups[key][run["lr"]].append(run)
     rows = []
     for by_lr in groups.values():
@@ -223,8 +275,9 @@ def leaderboard(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             have = [r["metrics"][str(n)] for r in rs if str(n) in r["metrics"]]
             metrics[str(n)] = {k: _mean(m[k] for m in have) for k in have[0]}
         rows.append({
-            "task": cfg["task"], "task_label": task_label(cfg), "model": rs[0]["model"], "model_label": model_label(cfg),
-            "d_model": cfg["d_model"], "n_layers": cfg["n_layers"], "lr": lr, "seeds": len(rs),
+            "task": cfg["task"]["name"], "task_label": task_label(cfg), "model": rs[0]["model"],
+            "model_label": model_label(cfg), "d_model": cfg["model"]["d_model"], "n_layers": cfg["model"]["n_layers"],
+            "lr": lr, "seeds": len(rs),
             "params": rs[0]["params"], "state_size": rs[0]["state_size"], "train_seq_len": rs[0]["train_seq_len"],
             "steps": _mean(r["steps"] for r in rs), "seconds": _mean(r["seconds"] for r in rs),
             "metrics": metrics, "hashes": sorted(r["hash"] for r in rs),

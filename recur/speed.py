@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from recur.registry import SPEED_CASES
+
 DTYPE = torch.float32
 QUICK_REPEATS = 9
 
@@ -195,15 +197,9 @@ def _pair(name, shape, ours, base, base_name, inputs, *, work=None, limit=None, 
 
 
 # ------------------------------------------------------------------------------ the cases
-CASES: dict[str, Callable[[Machine, bool], list[Result]]] = {}
-
-
 def case(name: str):
-    def deco(fn):
-        CASES[name] = fn
-        return fn
-
-    return deco
+    """Register a speed case, ``fn(machine, quick) -> list[Result]``; cases run in registration order."""
+    return SPEED_CASES.register(name)
 
 
 @case("scan")
@@ -477,14 +473,15 @@ def scaling_case(machine: Machine, quick: bool) -> list[Result]:
 def run(only: Iterable[str] | None = None, quick: bool = False, threads: int | None = None,
         on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure the machine, then every case (or those in ``only``); return the JSON document."""
-    names = list(CASES) if not only else list(only)
-    unknown = [n for n in names if n not in CASES]
+    cases = SPEED_CASES.in_order()
+    names = cases if not only else list(only)
+    unknown = [n for n in names if n not in SPEED_CASES]
     if unknown:
         import difflib
 
-        hints = {n: difflib.get_close_matches(n, CASES, n=1) for n in unknown}
+        hints = {n: difflib.get_close_matches(n, cases, n=1) for n in unknown}
         shown = ", ".join(f"{n!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for n, h in hints.items())
-        raise ValueError(f"unknown speed case {shown}; cases are: {', '.join(CASES)}")
+        raise ValueError(f"unknown speed case {shown}; cases are: {', '.join(cases)}")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     try:
@@ -493,7 +490,7 @@ def run(only: Iterable[str] | None = None, quick: bool = False, threads: int | N
         for n in names:
             if on_case:
                 on_case(n)
-            results += CASES[n](machine, quick)
+            results += SPEED_CASES.get(n).obj(machine, quick)
     finally:  # a library call must not leave the process's thread count changed
         torch.set_num_threads(previous)
     return {"machine": asdict(machine), "quick": quick, "torch": torch.__version__,

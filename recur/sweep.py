@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from recur.config import RunConfig, config_hash
 from recur.results import ResultStore
-from recur.train import RunResult, train
+from recur.training import RunResult, train
 
 
 @dataclass
@@ -45,7 +45,8 @@ def import_modules(names) -> None:
 
 
 def describe(cfg: RunConfig) -> str:
-    return f"{cfg.task} {cfg.model_name} d={cfg.d_model} L={cfg.n_layers} lr={cfg.lr:g} seed={cfg.seed}"
+    m = cfg.model
+    return f"{cfg.task.name} {cfg.model_name} d={m.d_model} L={m.n_layers} lr={cfg.optim.lr:g} seed={cfg.seed}"
 
 
 def _result_line(result: RunResult) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import recur
 from recur import State
 
 
@@ -69,12 +68,3 @@ def test_replace_and_attribute_access():
     t = s.replace(h=torch.zeros(3, 4))
     assert torch.equal(t.h, torch.zeros(3, 4)) and torch.equal(t.pos, s.pos)
     assert "h=Tensor(3, 4)" in repr(t)
-
-
-def test_registry_rejects_duplicates_and_bad_names():
-    with pytest.raises(ValueError, match="lower-case"):
-        recur.register("Bad", family="x", paper="y")
-    with pytest.raises(ValueError, match="already registered"):
-        recur.register("elman", family="x", paper="y")(type("Other", (), {}))
-    with pytest.raises(ValueError, match="clashes"):
-        recur.register_pattern("elman", ["elman"])

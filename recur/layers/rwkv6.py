@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import nn
 
 from recur.layers.base import Mixer
-from recur.layers.common import head_split, layer_depth, rwkv_ramps, token_shift
+from recur.layers.common import layer_depth, rwkv_ramps, split_heads, token_shift
 from recur.ops.gated import gated_matrix
 from recur.registry import register
 from recur.state import State
@@ -40,7 +40,8 @@ class RWKV6(Mixer):
     the previous input (token shift) and S.
 
     Time mixing only: recur's Block adds the MLP. RWKV's channel mixing (RWKV-4's, which
-    RWKV-6 keeps with the new token shift) is registered as ``rwkv4_channel`` by another file.
+    RWKV-6 keeps with the new token shift) is the channel mixer ``rwkv4`` (``recur/layers/channel.py``):
+    ``CausalLM(pattern="rwkv6", mlp="rwkv4")``.
 
     Initialisation (official RWKV-LM x060 code), with r0 = layer_idx / (n_layers - 1) and
     r1 = 1 - layer_idx / n_layers (layer 0 of 1 standalone; r0 = 0 for a single layer),
@@ -73,9 +74,7 @@ class RWKV6(Mixer):
         n_layers: int | None = None,
     ):
         super().__init__(d_model, mode)
-        if n_heads is None and head_dim is None and d_model % 64 == 0:
-            head_dim = 64  # the official head size
-        self.n_heads, self.head_dim = head_split(d_model, n_heads, head_dim)
+        self._init_heads(n_heads, head_dim, preferred_head_dim=64)  # the official head size
         self.chunk_size = chunk_size
         layer_idx, n_layers = layer_depth("rwkv6", layer_idx, n_layers)
         r0, r1, ramp = rwkv_ramps(d_model, layer_idx, n_layers)
@@ -127,9 +126,9 @@ class RWKV6(Mixer):
 
     def _forward(self, x, state):
         B, T, _ = x.shape
-        heads = lambda t: rearrange(t, "b t (h d) -> b h t d", h=self.n_heads)  # noqa: E731
         p, last = self.projections(x, state["shift"])
-        o, S = gated_matrix(heads(p["r"]), heads(p["k"]), heads(p["v"]), heads(p["log_w"]), state["S"],
+        r, k, v, log_w = (split_heads(p[name], self.n_heads) for name in ("r", "k", "v", "log_w"))
+        o, S = gated_matrix(r, k, v, log_w, state["S"],
                             mode=self.op_mode, chunk_size=self.chunk_size, output_before_update=True, bonus=self.bonus)
         o = self.norm(rearrange(o, "b h t d -> (b t) (h d)")).view(B, T, -1)
         return self.output(o * p["g"]), State(shift=last, S=S)

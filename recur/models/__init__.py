@@ -1,5 +1,15 @@
-"""Assembly of mixers into blocks, backbones (layer patterns, hybrids) and language models."""
+"""Architectures above the mixer, one file each, registered in ``recur.registry.ARCHITECTURES``
+(listed here explicitly), plus the Blocks and Backbone they are built from."""
 
-from recur.models.lm import MLP, Backbone, Block, CausalLM
+from recur.models.base import Architecture, ModelOutput
+from recur.models.blocks import Backbone, Block
+from recur.registry import load_modules
 
-__all__ = ["MLP", "Backbone", "Block", "CausalLM"]
+MODULES = ("causal_lm", "looped_lm", "encoder")
+load_modules(__name__, MODULES)
+
+from recur.models.causal_lm import CausalLM  # noqa: E402 - registered above
+from recur.models.encoder import Encoder  # noqa: E402
+from recur.models.looped_lm import LoopedLM  # noqa: E402
+
+__all__ = ["Architecture", "Backbone", "Block", "CausalLM", "Encoder", "LoopedLM", "MODULES", "ModelOutput"]

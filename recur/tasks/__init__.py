@@ -1,6 +1,12 @@
-"""Synthetic probe tasks: seeded, deterministic generators with disjoint train/test splits."""
+"""Probe tasks: seeded, deterministic generators with disjoint train/test splits, one file per
+family, registered in ``recur.registry.TASKS`` (listed here explicitly)."""
 
+from recur.registry import load_modules
 from recur.tasks.base import (Batch, Task, TaskParams, distinct_rows, get_task, list_tasks, register_task,
                               sample_rows_of_split, split_of, task_class)
 
-__all__ = ["Batch", "Task", "TaskParams", "distinct_rows", "get_task", "list_tasks", "register_task", "sample_rows_of_split", "split_of", "task_class"]
+MODULES = ("copying", "dfa", "passkey", "recall", "set_disjointness", "state_tracking")
+load_modules(__name__, MODULES)
+
+__all__ = ["Batch", "MODULES", "Task", "TaskParams", "distinct_rows", "get_task", "list_tasks", "register_task",
+           "sample_rows_of_split", "split_of", "task_class"]

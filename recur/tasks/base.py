@@ -1,4 +1,4 @@
-"""The task contract (DESIGN.md section 6) and the task registry.
+"""The task contract (docs/design.md section 6) and the task registry.
 
     task = recur.tasks.get_task("mqar", num_kv_pairs=8)
     inputs, targets, mask = task.batch(n, seq_len, generator, split="train")
@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import difflib
 from abc import ABC, abstractmethod
 import math
 from dataclasses import dataclass
@@ -22,6 +21,8 @@ from typing import Any, ClassVar, Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from recur.registry import TASKS
 
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.125  # share of all sequences that belong to the test split
@@ -38,6 +39,16 @@ class Batch:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.inputs, self.targets, self.mask))
+
+    def window(self, start: int, end: int, supervised_from: int | None = None) -> Batch:
+        """Positions [start, end) of every row; with ``supervised_from``, positions before it are
+        not supervised (truncated BPTT's windows, whose leading tokens only build the state)."""
+        mask = self.mask[:, start:end]
+        if supervised_from is not None and supervised_from > start:
+            mask = mask.clone()
+            mask[:, :supervised_from - start] = False
+        return Batch(self.inputs[:, start:end], self.targets[:, start:end], mask,
+                     valid=None if self.valid is None else self.valid[:, start:end])
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in (self.inputs, self.targets, self.mask)),
@@ -190,40 +201,18 @@ def describe_params(params: type[TaskParams]) -> str:
     return ", ".join(parts) or "(none)"
 
 
-_TASKS: dict[str, type[Task]] = {}
-
-
 def register_task(cls: type[Task]) -> type[Task]:
     """Class decorator: register a task under ``cls.name``."""
-    if cls.name in _TASKS and _TASKS[cls.name] is not cls:
-        raise ValueError(f"task {cls.name!r} is already registered")
-    _TASKS[cls.name] = cls
+    TASKS.add(cls.name, cls, description=cls.description)
     return cls
 
 
-def _load_all() -> None:
-    import importlib
-    import pkgutil
-
-    import recur.tasks as pkg
-
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name != "base":
-            importlib.import_module(f"recur.tasks.{info.name}")
-
-
 def list_tasks() -> list[str]:
-    _load_all()
-    return sorted(_TASKS)
+    return TASKS.names()
 
 
 def task_class(name: str) -> type[Task]:
-    _load_all()
-    if name not in _TASKS:
-        close = difflib.get_close_matches(name, sorted(_TASKS), n=3, cutoff=0.4)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name]
+    return TASKS.get(name).cls
 
 
 def get_task(name: str, **params: Any) -> Task:

@@ -1,4 +1,4 @@
-"""The conformance suite (DESIGN.md section 4), parametrized over the registry.
+"""The conformance suite (docs/design.md section 4), parametrized over the registry.
 
 Every registered mixer is built with its default config at ``D`` and must pass all eight
 checks; a newly registered model is tested with no new test code. Exactness checks run

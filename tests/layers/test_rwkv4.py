@@ -1,4 +1,4 @@
-"""RWKV-4 (time and channel mixing, ``recur/layers/rwkv4.py``): the properties from the paper that
+"""RWKV-4 time mixing (``recur/layers/rwkv4.py``; its channel mixing is tests/layers/test_channel.py): the properties from the paper that
 the conformance suite cannot know. The layers are compared with a direct transcription of the
 paper's equations in float64, where modes differ only in summation order (rtol 1e-8, atol 1e-10).
 """
@@ -12,7 +12,6 @@ import torch
 
 import recur
 from recur.layers.rwkv4 import wkv
-from recur.models import CausalLM
 
 from .helpers import D, close, randn
 
@@ -144,30 +143,3 @@ def test_rwkv4_init_follows_the_official_code():
     close(layer.mix_r.double(), (i / D) ** (0.5 * r1), "mu_r", rtol=1e-6, atol=1e-6)
     assert layer.key.weight.abs().sum() == 0 and layer.receptance.weight.abs().sum() == 0
     assert recur.build("rwkv4", d_model=D, zero_init_output=True).output.weight.abs().sum() == 0
-
-
-def test_rwkv4_channel_is_a_function_of_the_current_and_previous_input_only():
-    torch.manual_seed(0)
-    layer = recur.build("rwkv4_channel", d_model=D).double()
-    with torch.no_grad():
-        layer.receptance.weight.normal_(0, 1 / math.sqrt(D))
-    x = randn(2, 9, D, seed=13)
-    y, s = layer(x)
-    xp = shifted(x)
-    r = layer.receptance(x * layer.mix_r + xp * (1 - layer.mix_r))
-    k = layer.key(x * layer.mix_k + xp * (1 - layer.mix_k))
-    close(y, torch.sigmoid(r) * layer.value(torch.relu(k) ** 2), "sigmoid(r) * W_v(relu(k)^2)")
-    close(s["shift"], x[:, -1], "the state is the last input")
-    close(layer(x[:, :1])[0], y[:, :1], "t = 0 sees x_0 and zeros")
-    for t in range(1, 9):
-        close(layer(x[:, t - 1 : t + 1])[0][:, 1], y[:, t], f"y_{t} from (x_{t - 1}, x_{t}) alone")
-    x2 = x.clone()
-    x2[:, :4] = randn(2, 4, D, seed=14)
-    close(layer(x2)[0][:, 5:], y[:, 5:], "inputs before t-1 do not matter")
-
-
-def test_rwkv4_lm_alternates_time_and_channel_mixing():
-    lm = CausalLM(vocab_size=11, d_model=D, n_layers=4, pattern=["rwkv4", "rwkv4_channel"], mlp=None)
-    assert [type(m).__name__ for m in lm.backbone.mixers] == ["RWKV4", "RWKV4Channel"] * 2
-    logits, _ = lm(torch.randint(0, 11, (2, 7)))
-    assert logits.shape == (2, 7, 11) and torch.isfinite(logits).all()

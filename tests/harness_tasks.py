@@ -1,4 +1,4 @@
-"""A tiny task and helpers for the harness tests, registered on import (also by sweep subprocesses via
+"""A tiny task and helpers for the harness tests (config, store, sweep, trainer, CLI), registered on import (also by sweep subprocesses via
 ``imports: [harness_tasks]``), so the tests do not depend on the probe tasks' tuning.
 
 ``harness_shift``: uniform random tokens; the target at t is the token ``lag`` positions back
@@ -15,7 +15,7 @@ from pydantic import Field
 
 from recur.config import RunConfig, config_hash
 from recur.tasks.base import Batch, Task, TaskParams, register_task, split_of
-from recur.train import RunResult
+from recur.training import RunResult
 
 
 class ShiftParams(TaskParams):
@@ -72,7 +72,8 @@ def tiny(**fields) -> RunConfig:
 
 def fake_result(cfg: RunConfig, accs: dict[int, float], state_size: int = 100, seconds: float = 1.0) -> RunResult:
     """A RunResult without training, for store and report tests."""
-    return RunResult(config=cfg, config_hash=config_hash(cfg), task=cfg.task, model=cfg.model_name, seed=cfg.seed,
-                     params=1000, state_size=state_size, train_seq_len=cfg.seq_len, steps=cfg.steps, seconds=seconds,
+    return RunResult(config=cfg, config_hash=config_hash(cfg), task=cfg.task.name, model=cfg.model_name, seed=cfg.seed,
+                     params=1000, state_size=state_size, train_seq_len=cfg.task.seq_len, steps=cfg.optim.steps,
+                     seconds=seconds,
                      metrics={str(n): {"accuracy": a, "exact_match": a / 2} for n, a in accs.items()},
                      train_loss=0.5, train_accuracy=0.9, early_stopped=False)

@@ -23,7 +23,7 @@ def test_report_builds_figures_and_index_from_a_store(db, tmp_path):
     assert len(pngs) == 2 * 2 + 1  # two tasks x (state size, length) + time
     assert all((index.parent / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     assert all(f'src="{p}"' in html for p in pngs)
-    assert "harness_shift(lag=2)" in html and "elman +noise" in html and "acc@32" in html
+    assert "harness_shift(lag=2)" in html and "elman {mlp=null} +noise" in html and "acc@32" in html
 
     buf = io.StringIO()
     with ResultStore(db) as store:

@@ -10,7 +10,7 @@ import torch
 
 import recur
 from recur import CausalLM, State
-from recur.models.lm import Backbone
+from recur.models import Backbone
 
 V = 37
 
@@ -85,7 +85,7 @@ def test_tied_and_untied_heads():
 def test_pattern_repeats_to_depth_and_mixer_config_reaches_layers():
     lm = CausalLM(V, 16, 5, pattern=["elman", "elman", "elman"], mlp=None)
     assert lm.backbone.layer_names == ["elman"] * 5
-    assert all(b.mlp is None for b in lm.backbone.blocks)
+    assert all(b.channel is None for b in lm.backbone.blocks)
 
 
 def test_samba_pattern_builds_and_generates():

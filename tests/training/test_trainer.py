@@ -1,4 +1,4 @@
-"""train(): the schedule, seeding, early stop, evaluation at every length, the interventions."""
+"""The Trainer: the schedule, seeding, early stop, evaluation at every length, the training-method hooks."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ import pytest
 import torch
 from harness_tasks import tiny
 
-from recur.models.lm import CausalLM
-from recur.train import ConfigError, build, lr_factor, make_optimizer, noise_state, train
+from recur.config import RunConfig
+from recur.models import CausalLM
+from recur.training import ConfigError, build, train
+from recur.training.methods.state_noise import noise_state
+from recur.training.trainer import lr_factor, make_optimizer
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_as_a_cosine():
@@ -28,7 +31,7 @@ def test_optimizer_follows_the_schedule():
     _, model = build(cfg)
     opt, sched = make_optimizer(model, cfg)
     lrs = []
-    for _ in range(cfg.steps):
+    for _ in range(cfg.optim.steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
@@ -78,7 +81,29 @@ def test_bad_configs_raise_config_errors_before_training():
         train(tiny(model="elmann"), progress=False)
     with pytest.raises(ConfigError, match="unexpected keyword argument"):
         train(tiny(model_args={"nope": 1}), progress=False)
+    with pytest.raises(ConfigError, match="unexpected keyword argument"):
+        train(tiny(**{"model.args": {"n_loopz": 2}}), progress=False)
+    with pytest.raises(ConfigError, match="unknown architecture 'looped'. Did you mean 'looped_lm'"):
+        train(tiny(arch="looped"), progress=False)
     with pytest.raises(ConfigError, match="needs seq_len >= 5"):
         train(tiny(eval_lengths=[4, 8]), progress=False)
     with pytest.raises(ConfigError, match="growing KV cache"):
         train(tiny(model="attention", state_passing=True), progress=False)
+
+
+# Losses of the first release's loop (recur 0.1.0, before the Trainer and its plugins), measured with
+# that code on this config: the state_noise / state_passing plugins must reproduce them.
+_PRE_PLUGIN_LOSSES = [
+    ({}, 0.6882011413574218),
+    ({"state_init": "noise"}, 0.692718455195427),
+    ({"state_init": "noise", "state_noise_std": 0.5}, 0.6919426918029785),
+    ({"state_passing": True}, 0.6948108285665512),
+    ({"state_passing": True, "state_init": "noise"}, 0.6943188071250915),
+]
+
+
+@pytest.mark.parametrize("change,loss", _PRE_PLUGIN_LOSSES)
+def test_interventions_as_plugins_reproduce_the_loop_they_replaced(change, loss):
+    cfg = RunConfig(task="parity", model="lstm", steps=25, seq_len=16, d_model=16, n_layers=2, batch_size=8,
+                    eval_batches=1, early_stop=None, device="cpu", **change)
+    assert train(cfg, progress=False).train_loss == pytest.approx(loss, rel=1e-6)

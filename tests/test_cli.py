@@ -37,7 +37,7 @@ def test_run_passes_task_and_model_args(db, capsys):
     assert main(["run", *TINY, "--task-arg", "lag=2", "--task-arg", "vocab=4", "--db", str(db), "--json"]) == 0
     with ResultStore(db) as store:
         (run,) = store.all_runs()
-    assert run["config"]["task_args"] == {"lag": 2, "vocab": 4} and run["config"]["mlp"] is None
+    assert run["config"]["task"]["args"] == {"lag": 2, "vocab": 4} and run["config"]["model"]["block"]["mlp"] is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -46,8 +46,8 @@ def test_run_passes_task_and_model_args(db, capsys):
     (["--task", "harness_shift", "--model", "elman", "--task-arg", "lag"], "bad --task-arg 'lag': expected KEY=VALUE"),
     (["--task", "harness_shift", "--model", "elman", "--task-arg", "lag=zero"], "bad parameters for task 'harness_shift': lag"),
     (["--task", "harness_shift", "--model", "elman", "--task-arg", "colour=1"], "colour: Extra inputs are not permitted"),
-    (["--task", "harness_shift", "--model", "elman", "--model-arg", "nope=1"], "bad model_args {'nope': 1} for model 'elman'"),
-    (["--task", "harness_shift", "--model", "elman", "--steps", "0"], "bad run config: steps"),
+    (["--task", "harness_shift", "--model", "elman", "--model-arg", "nope=1"], "bad options for model 'elman' (model.mixer_args {'nope': 1}"),
+    (["--task", "harness_shift", "--model", "elman", "--steps", "0"], "bad run config: optim.steps: Input should be greater than or equal to 1"),
     (["--task", "harness_shift", "--model", "elman", "--seq-len", "3"], "needs seq_len >= 5, got 3"),
 ])
 def test_bad_names_and_arguments_exit_2_with_a_clear_message(db, capsys, argv, message):
@@ -112,3 +112,59 @@ def test_bench_names_unregistered_models_and_tasks_and_runs_nothing(tmp_path, mo
     err = capsys.readouterr().err
     assert "needs models not_a_model; tasks not_a_task, which are not registered" in err and "Traceback" not in err
     assert not (tmp_path / "b.sqlite").exists()
+
+
+def test_archs_and_methods_list_the_registries(capsys):
+    assert main(["archs", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} >= {"causal_lm", "looped_lm", "encoder"}
+    looped = next(r for r in rows if r["name"] == "looped_lm")
+    assert looped["options"]["n_loops"] == 2 and looped["paper"]
+    assert main(["methods", "--json"]) == 0
+    methods = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert methods["state_noise"]["options"] == {"std": 1.0}
+    assert main(["archs"]) == 0 and "looped_lm" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("looped_lm", ["--set", "model.args.n_loops=3"]),
+    ("encoder", ["--set", "model.args.head=pooled", "--model", "bidirectional", "--set", "model.mixer_args.mixer=lstm"]),
+])
+def test_other_architectures_train_from_the_cli_on_an_existing_task(db, capsys, arch, extra):
+    argv = ["run", "--task", "parity", "--model", "gla", "--arch", arch, "--task-arg", "final_only=true", "--d-model", "16",
+            "--n-layers", "1", "--seq-len", "16", "--steps", "6", "--batch-size", "8", "--eval-batches", "1",
+            "--device", "cpu", "--db", str(db), "--json", *extra]
+    assert main(argv) == 0, capsys.readouterr().err
+    obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert obj["model"].startswith(f"{arch}:") and obj["steps"] == 6 and set(obj["metrics"]) == {"16", "64"}
+    with ResultStore(db) as store:
+        (run,) = store.all_runs()
+    assert run["config"]["model"]["arch"] == arch
+
+
+def test_set_and_train_reach_any_nested_key(db, capsys):
+    argv = ["run", *TINY, "--set", "model.block.mlp=gelu", "--set", "optim.lr=0.003", "--set", "model.block.norm=layernorm",
+            "--train", "tbptt:k1=3,k2=5", "--train", "state_noise:std=0.5", "--db", str(db), "--json"]
+    assert main(argv) == 0, capsys.readouterr().err
+    with ResultStore(db) as store:
+        (run,) = store.all_runs()
+    cfg = run["config"]
+    assert cfg["model"]["block"]["mlp"] == "gelu" and cfg["model"]["block"]["norm"] == "layernorm"
+    assert cfg["optim"]["lr"] == 0.003 and run["lr"] == 0.003
+    assert [m["name"] for m in cfg["training"]] == ["tbptt", "state_noise"]
+    assert cfg["training"][0]["args"] == {"k1": 3, "k2": 5}
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--set", "optim.lrr=1"], "optim.lrr: Extra inputs are not permitted"),
+    (["--set", "model.block.mlp=glu"], "unknown channel mixer 'glu'"),
+    (["--set", "novalue"], "bad --set 'novalue'"),
+    (["--train", "tbptt:k1=4,k2=2"], "k2=2 must be >= k1=4"),
+    (["--train", "tbtt"], "Did you mean 'tbptt'"),
+    (["--arch", "looped"], "unknown architecture 'looped'. Did you mean 'looped_lm'"),
+    (["--resume"], "--resume: no checkpoint of run"),
+])
+def test_bad_nested_keys_and_methods_exit_2_naming_them(db, capsys, extra, message):
+    assert main(["run", *TINY, "--db", str(db), *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -1,0 +1,182 @@
+"""The architecture protocol (docs/design.md section 5), shared by every model above the mixer.
+
+    out = model(inputs, state=None)          # ModelOutput(logits, state, aux); unpacks as logits, state
+    loss = model.loss(out, batch)            # the head owns its loss (cross-entropy, CTC, pointer, ...)
+    state = model.init_state(batch_size)
+    model.state_size(seq_len)                # floats of memory per sequence after seq_len tokens
+    model.stream(prompt, n) / model.generate(prompt, n)   # autoregressive architectures
+
+``aux`` holds named auxiliary losses (already weighted, part of ``model.loss``) and diagnostics
+(floats the Trainer logs). Architectures are registered in ``recur.registry.ARCHITECTURES`` and
+built from a ``ModelConfig`` by ``from_config``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recur.layers.base import Mixer
+from recur.state import State
+
+
+@dataclass
+class ModelOutput:
+    """What an architecture returns. Unpacks as ``logits, state`` (as ``CausalLM`` always has)."""
+
+    logits: torch.Tensor
+    state: State | None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # The (logits, state) pair that CausalLM returned before ModelOutput: unpacking and indexing work.
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.logits, self.state))
+
+    def __getitem__(self, index: int) -> Any:
+        return (self.logits, self.state)[index]
+
+    def __len__(self) -> int:
+        return 2
+
+
+def check_tokens(tokens: Any, vocab_size: int) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tokens must be an integer tensor of shape [batch, time], got "
+                        f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, time], got {tuple(tokens.shape)}")
+    if tokens.numel() and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
+
+
+def masked_cross_entropy(logits: torch.Tensor, batch) -> torch.Tensor:
+    """Mean cross-entropy over the supervised positions (``batch.mask``)."""
+    mask = batch.mask
+    if not mask.any():
+        raise ValueError("a training batch has no supervised position (mask is all False)")
+    picked = logits[mask]
+    if picked.dtype not in (torch.float32, torch.float64):
+        picked = picked.float()  # 16-bit logits: the loss in float32
+    return F.cross_entropy(picked, batch.targets[mask])
+
+
+class Architecture(nn.Module, ABC):
+    """Base class of the registered architectures."""
+
+    name: str = "architecture"  # set by ARCHITECTURES.register
+    autoregressive: bool = False  # True: stream / generate
+    vocab_size: int
+
+    # -- to implement ---------------------------------------------------------
+    @abstractmethod
+    def forward(self, inputs: torch.Tensor, state: State | None = None) -> ModelOutput:
+        """The model on ``inputs`` from ``state`` (None: the zero state)."""
+
+    @abstractmethod
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        """The zero state for ``batch_size`` sequences."""
+
+    @abstractmethod
+    def state_size(self, seq_len: int) -> int:
+        """Floats of memory per sequence after ``seq_len`` tokens."""
+
+    @property
+    def segmentable(self) -> bool:
+        """True when the logits are per position and causal, so reading a sequence in segments with
+        the carried state gives the same logits (what truncated BPTT needs)."""
+        return self.autoregressive
+
+    @property
+    def mixers(self) -> list[Mixer]:
+        """Every token mixer the model runs, in order (a shared one once per use)."""
+        return [m for m in self.modules() if isinstance(m, Mixer)]
+
+    # -- shared ---------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def set_mode(self, mode: str) -> None:
+        """Use ``mode`` in every mixer that supports it (others keep theirs)."""
+        for m in self.mixers:
+            if mode in m.modes:
+                m.mode = mode
+
+    def position_logits(self, out: ModelOutput, batch) -> torch.Tensor:
+        """Logits per position, [batch, time, classes], for ``task.score``."""
+        return out.logits
+
+    def loss(self, out: ModelOutput, batch) -> torch.Tensor:
+        """The model's objective: masked cross-entropy of the head, plus its weighted auxiliary losses."""
+        loss = masked_cross_entropy(self.position_logits(out, batch), batch)
+        for key, value in out.aux.items():
+            if key.endswith("_loss"):
+                loss = loss + value
+        return loss
+
+    @classmethod
+    def from_config(cls, config, vocab_size: int) -> Architecture:
+        """Build from a ``recur.config.ModelConfig``: the shared sizes and block parts, plus the
+        architecture's own options (``config.args``) as keyword arguments."""
+        b = config.block
+        return cls(vocab_size=vocab_size, d_model=config.d_model, n_layers=config.n_layers, pattern=config.mixer,
+                   mixer_config=config.mixer_args, mlp=b.mlp, mlp_ratio=b.ratio, norm=b.norm,
+                   channel_options=b.mlp_args, **config.args)
+
+    @classmethod
+    def example(cls, vocab_size: int, d_model: int) -> Architecture:
+        """A small instance with fast modes, for the architecture conformance tests."""
+        return cls(vocab_size=vocab_size, d_model=d_model, n_layers=2, pattern="gla")
+
+
+class Generator:
+    """Streaming generation for autoregressive architectures (mixed into them)."""
+
+    vocab_size: int
+
+    @torch.no_grad()
+    def stream(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+               state: State | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield new tokens ([batch] each) one at a time.
+
+        The prompt is read in one call (fast mode); each new token is then one step with the
+        carried state, so recurrent models generate in constant memory and attention uses its
+        KV cache. ``temperature=0`` is greedy; otherwise sample, optionally from the top-k logits.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if top_k is not None and not 1 <= top_k <= self.vocab_size:
+            raise ValueError(f"top_k must be in [1, {self.vocab_size}], got {top_k}")
+        logits, state = self(prompt, state)
+        last = logits[:, -1]
+        for _ in range(max_new_tokens):
+            token = _sample(last, temperature, top_k, generator)
+            yield token
+            logits, state = self(token[:, None], state)
+            last = logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """The prompt followed by ``max_new_tokens`` generated tokens: int64 [batch, time + new]."""
+        new = list(self.stream(prompt, max_new_tokens, temperature, top_k, generator=generator))
+        return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt.clone()
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

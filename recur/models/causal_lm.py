@@ -1,0 +1,70 @@
+"""``causal_lm``: token embedding -> Backbone of Blocks -> norm -> (tied or untied) head; one class for every mixer.
+
+    lm = CausalLM(vocab_size=256, d_model=64, n_layers=4, pattern="samba")
+    logits, state = lm(tokens)                # tokens: int64 [batch, time]; a ModelOutput that unpacks
+    logits, state = lm(more_tokens, state)    # carries every layer's memory
+    out = lm.generate(prompt, max_new_tokens=32, temperature=0.8, top_k=20)
+
+p(x_{t+1} | x_{<=t}) = softmax(W_head norm(h_t)), h = Backbone(E x); hybrids are layer patterns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from recur.layers.norms import build_norm
+from recur.models.base import Architecture, Generator, ModelOutput, check_tokens
+from recur.models.blocks import Backbone
+from recur.registry import ARCHITECTURES
+from recur.state import State
+
+
+@ARCHITECTURES.register("causal_lm", family="language model",
+                        paper="Radford et al., Improving Language Understanding by Generative Pre-Training (2018)")
+class CausalLM(Generator, Architecture):
+    """Token embedding -> Backbone -> norm -> (tied or untied) head; one class for every mixer."""
+
+    autoregressive = True
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, pattern="attention",
+                 mixer_config: Mapping[str, Any] | None = None, mlp: str | None = "swiglu",
+                 mlp_ratio: float = 4.0, tie_embeddings: bool = True, norm: str = "rmsnorm",
+                 channel_options: Mapping[str, Any] | None = None, shared_blocks: int | None = None):
+        super().__init__()
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        self.vocab_size = vocab_size
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.backbone = Backbone(d_model, n_layers, pattern, mixer_config, mlp=mlp, mlp_ratio=mlp_ratio, norm=norm,
+                                 channel_options=channel_options, shared_blocks=shared_blocks)
+        self.norm = build_norm(norm, d_model)
+        self.head = nn.Linear(d_model, vocab_size, bias=False)
+        if tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def mixers(self):
+        return self.backbone.mixers
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        return self.backbone.init_state(batch_size, device=device, dtype=dtype or self.dtype)
+
+    def state_size(self, seq_len: int) -> int:
+        return self.backbone.state_size(seq_len)
+
+    def set_mode(self, mode: str) -> None:
+        self.backbone.set_mode(mode)
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None) -> ModelOutput:
+        check_tokens(tokens, self.vocab_size)
+        h, state = self.backbone(self.embed(tokens), state)
+        return ModelOutput(self.head(self.norm(h)), state)

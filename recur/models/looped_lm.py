@@ -1,0 +1,83 @@
+"""``looped_lm``: one Backbone applied ``n_loops`` times with tied weights, the input re-injected
+before every loop (the plain looped transformer of Yang et al., "Looped Transformers are Better at
+Learning Learning Algorithms", ICLR 2024; input injection as in Giannou et al. 2023).
+
+    e = E x;   z_0 = 0;   z_{j+1} = Backbone(z_j + e)   for j = 0 .. n_loops - 1
+    logits = W_head norm(z_{n_loops})
+
+Every loop is a causal pass over the sequence with its own memory, so the state is keyed per
+loop, ``State(loop0=<backbone state>, loop1=...)``: carrying it across calls equals one call on the
+concatenation, and stepping token by token streams in constant memory for recurrent mixers.
+``n_loops`` may be changed after training (more loops at inference than in training, or a loop
+curriculum); the state then needs the new number of entries (``init_state``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from recur.layers.common import positive_int
+from recur.models.base import ModelOutput, check_tokens
+from recur.models.causal_lm import CausalLM
+from recur.registry import ARCHITECTURES
+from recur.state import State
+
+
+@ARCHITECTURES.register("looped_lm", family="depth-recurrent",
+                        paper="Yang et al., Looped Transformers are Better at Learning Learning Algorithms (2024)")
+class LoopedLM(CausalLM):
+    """A weight-tied Backbone looped ``n_loops`` times over the sequence with input injection
+    (a CausalLM whose Backbone runs several times)."""
+
+    def __init__(self, vocab_size: int, d_model: int, n_layers: int, pattern="attention",
+                 mixer_config: Mapping[str, Any] | None = None, mlp: str | None = "swiglu",
+                 mlp_ratio: float = 4.0, tie_embeddings: bool = True, norm: str = "rmsnorm",
+                 channel_options: Mapping[str, Any] | None = None, shared_blocks: int | None = None,
+                 n_loops: int = 2, inject: bool = True):
+        super().__init__(vocab_size, d_model, n_layers, pattern, mixer_config, mlp=mlp, mlp_ratio=mlp_ratio,
+                         tie_embeddings=tie_embeddings, norm=norm, channel_options=channel_options,
+                         shared_blocks=shared_blocks)
+        self.n_loops = n_loops
+        self.inject = bool(inject)
+
+    @property
+    def n_loops(self) -> int:
+        return self._n_loops
+
+    @n_loops.setter
+    def n_loops(self, value: int) -> None:
+        self._n_loops = positive_int("n_loops", value)
+
+    @property
+    def mixers(self):
+        return self.backbone.mixers * self.n_loops
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> State:
+        dtype = dtype or self.dtype
+        return State({f"loop{j}": self.backbone.init_state(batch_size, device=device, dtype=dtype)
+                      for j in range(self.n_loops)})
+
+    def state_size(self, seq_len: int) -> int:
+        return self.n_loops * self.backbone.state_size(seq_len)
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None) -> ModelOutput:
+        check_tokens(tokens, self.vocab_size)
+        keys = [f"loop{j}" for j in range(self.n_loops)]
+        if state is not None and (not isinstance(state, State) or set(state) != set(keys)):
+            got = sorted(state) if isinstance(state, State) else type(state).__name__
+            raise ValueError(f"looped_lm state must be a State with entries loop0..loop{self.n_loops - 1} "
+                             f"(n_loops={self.n_loops}; from init_state or a previous call), got {got}")
+        e = self.embed(tokens)
+        z = torch.zeros_like(e)
+        new = {}
+        for key in keys:
+            z, new[key] = self.backbone(z + e if self.inject or key == "loop0" else z,
+                                        None if state is None else state[key])
+        return ModelOutput(self.head(self.norm(z)), State(new))
+
+    @classmethod
+    def example(cls, vocab_size: int, d_model: int) -> LoopedLM:
+        return cls(vocab_size=vocab_size, d_model=d_model, n_layers=1, pattern="gla", n_loops=3)

@@ -1,0 +1,295 @@
+"""One training loop for every task x architecture (docs/design.md section 6), behaviour by hooks.
+
+    result = train(RunConfig(task="parity", model="lstm", steps=500))
+    result.metrics      # {"64": {"accuracy": 0.98, "exact_match": 0.41}, "256": {...}}
+
+AdamW with linear warm-up then cosine decay, global-norm gradient clipping, seeded model and data
+(train batches from split "train", evaluation from split "test"), early stop when the training
+accuracy saturates, and evaluation at every length of ``cfg.eval.lengths`` (length
+generalisation). The model owns its loss (``model.loss(out, batch)``); training methods
+(``cfg.training``, see ``recur.training.method``) change the initial state, the passes, the loss
+and the gradients through hooks. With ``checkpoint_every`` the run writes checkpoints that
+``resume=True`` continues bit-identically. A failing run raises; nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import recur
+from recur.config import RunConfig, config_hash
+from recur.models.base import Architecture, ModelOutput
+from recur.registry import ARCHITECTURES, METHODS
+from recur.state import State
+from recur.tasks.base import Batch, Task, get_task
+
+
+class ConfigError(ValueError):
+    """The run cannot start: an unknown name, a bad task or model argument, an impossible length."""
+
+
+class RunResult(BaseModel):
+    """What a finished run records (one row of the results store)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    config: RunConfig
+    config_hash: str
+    task: str
+    model: str
+    seed: int
+    params: int
+    state_size: int  # floats per sequence, summed over layers, at the training length
+    train_seq_len: int
+    steps: int  # optimisation steps actually run (fewer than cfg.optim.steps after an early stop)
+    seconds: float  # wall time of training and evaluation
+    metrics: dict[str, dict[str, float]]  # eval length -> {"accuracy", "exact_match"}
+    train_loss: float  # mean over the last early_stop_window steps
+    train_accuracy: float  # idem
+    early_stopped: bool
+    recur_version: str = recur.__version__
+
+    def summary(self) -> dict:
+        """The stable JSON of `recur run --json`."""
+        return {k: getattr(self, k) for k in
+                ("task", "model", "seed", "params", "state_size", "train_seq_len", "steps", "seconds", "metrics")}
+
+
+# ------------------------------------------------------------------ set-up
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available")
+    return dev
+
+
+def build(cfg: RunConfig) -> tuple[Task, Architecture]:
+    """The task and the (seeded, untrained) model of a run; every bad name or argument is a ConfigError."""
+    try:
+        task = get_task(cfg.task.name, **cfg.task.args)
+        for n in sorted({cfg.task.seq_len, *cfg.eval.lengths}):
+            task.check_seq_len(n)
+        arch = ARCHITECTURES.get(cfg.model.arch).cls
+    except (ValueError, TypeError) as e:
+        raise ConfigError(str(e)) from None
+    torch.manual_seed(cfg.seed)
+    try:
+        model = arch.from_config(cfg.model, vocab_size=task.vocab_size)
+    except TypeError as e:  # an unexpected keyword argument of a mixer or of the architecture
+        raise ConfigError(f"bad options for model {cfg.model_name!r} (model.mixer_args {cfg.model.mixer_args}, "
+                          f"model.args {cfg.model.args}): {e}") from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return task, model
+
+
+def lr_factor(step: int, steps: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Multiplier of the peak lr at optimisation step ``step`` (0-based).
+
+    Linear warm-up over ``warmup`` steps (reaching 1 at step ``warmup - 1``), then a cosine
+    from 1 down to ``min_ratio`` at the last step.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    decay = max(1, steps - 1 - warmup)
+    progress = min(1.0, (step - warmup) / decay)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW; weight decay on matrices (ndim >= 2) only, not on biases, gains and decay rates."""
+    o = cfg.optim
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    keep = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=(0.9, 0.95))
+    warmup = o.warmup_steps()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, o.steps, warmup, o.min_lr_ratio))
+    return opt, sched
+
+
+# One independent random stream per purpose, salted by its name; the salts are part of every run's
+# identity, so those of the first release stay as they were.
+_SALTS = {"data": 1, "test": 2, "noise": 3}
+
+
+def _salt(purpose: str) -> int:
+    if purpose in _SALTS:
+        return _SALTS[purpose]
+    return int.from_bytes(hashlib.sha256(purpose.encode()).digest()[:6], "big")
+
+
+def _generator(seed: int, *salt: int) -> torch.Generator:
+    value = seed
+    for s in salt:
+        value = (value * 1_000_003 + s) % (2**63 - 1)
+    return torch.Generator().manual_seed(value)
+
+
+@torch.no_grad()
+def evaluate(model: Architecture, task: Task, cfg: RunConfig, device) -> dict[str, dict[str, float]]:
+    """Mean ``task.score`` over ``cfg.eval.batches`` test batches at every eval length (zero initial state)."""
+    model.eval()
+    metrics = {}
+    for length in cfg.eval.lengths:
+        gen = _generator(cfg.seed, _SALTS["test"], length)
+        sums: dict[str, float] = {}
+        for _ in range(cfg.eval.batches):
+            batch = task.batch(cfg.optim.batch_size, length, gen, split="test").to(device)
+            out = model(batch.inputs)
+            for k, v in task.score(model.position_logits(out, batch), batch).items():
+                sums[k] = sums.get(k, 0.0) + v
+        metrics[str(length)] = {k: v / cfg.eval.batches for k, v in sums.items()}
+    model.train()
+    return metrics
+
+
+def _progress(enabled: bool) -> Progress:
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}  acc {task.fields[acc]:.3f}"), TimeElapsedColumn(),
+        console=console, transient=True, disable=not (enabled and console.is_terminal),
+    )
+
+
+# ------------------------------------------------------------------ the loop
+class Trainer:
+    """Trains one RunConfig. ``fit()`` runs the loop (resuming from a checkpoint if asked) and returns
+    the RunResult; the attributes below are what training methods read and change."""
+
+    def __init__(self, cfg: RunConfig, progress: bool = True, checkpoint_dir: str | Path | None = None,
+                 checkpoint_every: int | None = None, resume: bool = False):
+        if checkpoint_every is not None and checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+        if (checkpoint_every or resume) and checkpoint_dir is None:
+            raise ConfigError("checkpoints need a checkpoint_dir")
+        self.cfg, self.progress = cfg, progress
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_every, self.resume = checkpoint_every, resume
+        self.device = resolve_device(cfg.device)
+        self.task, self.model = build(cfg)
+        self.model.to(self.device)
+        self.methods = [METHODS.get(m.name).cls(m.params()) for m in cfg.training]
+        owners = [m.name for m in self.methods if m.owns_forward]
+        if len(owners) > 1:
+            raise ConfigError(f"training methods {owners} each own the forward and backward passes; use one of them")
+        self.opt, self.sched = make_optimizer(self.model, cfg)
+        self.generators: dict[str, torch.Generator] = {"data": _generator(cfg.seed, _SALTS["data"])}
+        self.batch_size = cfg.optim.batch_size
+        self.seq_len = cfg.task.seq_len  # a curriculum may change these two during training
+        self.train_task = self.task
+        self.step = 0
+        self.window: deque[tuple[float, float]] = deque(maxlen=cfg.optim.early_stop_window)
+        self.early_stopped = False
+        for m in self.methods:
+            m.setup(self)
+
+    def rng(self, purpose: str) -> torch.Generator:
+        """The run's random stream for ``purpose`` (seeded from the run's seed; saved in checkpoints)."""
+        if purpose not in self.generators:
+            self.generators[purpose] = _generator(self.cfg.seed, _salt(purpose))
+        return self.generators[purpose]
+
+    # -------------------------------------------------------------- one step
+    def compute_loss(self, out: ModelOutput, batch: Batch) -> torch.Tensor:
+        """The model's loss plus every method's terms; a non-finite loss stops the run."""
+        loss = self.model.loss(out, batch)
+        for m in self.methods:
+            loss = m.loss(self, loss, out, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss.item()} at step {self.step} "
+                                     f"({self.cfg.model_name} on {self.cfg.task.name}, lr={self.cfg.optim.lr})")
+        return loss
+
+    def forward_backward(self, batch: Batch, init: State | None) -> tuple[torch.Tensor, ModelOutput]:
+        """The default passes: one forward over the batch, one backward of its loss."""
+        out = self.model(batch.inputs, init)
+        loss = self.compute_loss(out, batch)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss, out
+
+    def train_step(self) -> tuple[float, float]:
+        self.step += 1
+        for m in self.methods:
+            m.schedule(self, self.step)
+        batch = self.train_task.batch(self.batch_size, self.seq_len, self.generators["data"], split="train").to(self.device)
+        init = None
+        for m in self.methods:
+            init = m.initial_state(self, init)
+        owner = next((m for m in self.methods if m.owns_forward), None)
+        loss, out = owner.forward_backward(self, batch, init) if owner else self.forward_backward(batch, init)
+        for m in self.methods:
+            m.after_backward(self)
+        if self.cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        for m in self.methods:
+            m.step_end(self, out)
+        acc = self.train_task.score(self.model.position_logits(out, batch).detach(), batch)["accuracy"]
+        self.window.append((loss.item(), acc))
+        return loss.item(), acc
+
+    def _saturated(self) -> bool:
+        rule = self.cfg.optim.early_stop
+        return (rule is not None and len(self.window) == self.window.maxlen
+                and sum(a for _, a in self.window) / len(self.window) >= rule)
+
+    # -------------------------------------------------------------- the run
+    def fit(self) -> RunResult:
+        from recur.training import checkpoint
+
+        start = time.perf_counter()
+        cfg = self.cfg
+        if self.resume:
+            checkpoint.load(self, self.checkpoint_dir)
+        with _progress(self.progress) as bar:
+            job = bar.add_task(f"{cfg.model_name} on {cfg.task.name}", total=cfg.optim.steps,
+                               completed=self.step, loss=float("nan"), acc=0.0)
+            while self.step < cfg.optim.steps and not self.early_stopped:
+                loss, acc = self.train_step()
+                bar.update(job, advance=1, loss=loss, acc=acc)
+                self.early_stopped = self._saturated()
+                if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.early_stopped
+                                              or self.step == cfg.optim.steps):
+                    checkpoint.save(self, self.checkpoint_dir)
+        for m in self.methods:
+            m.finish(self)
+        metrics = evaluate(self.model, self.task, cfg, self.device)
+        return RunResult(
+            config=cfg,
+            config_hash=config_hash(cfg),
+            task=cfg.task.name,
+            model=cfg.model_name,
+            seed=cfg.seed,
+            params=sum(p.numel() for p in self.model.parameters()),
+            state_size=self.model.state_size(cfg.task.seq_len),
+            train_seq_len=cfg.task.seq_len,
+            steps=self.step,
+            seconds=round(time.perf_counter() - start, 3),
+            metrics=metrics,
+            train_loss=sum(l for l, _ in self.window) / max(1, len(self.window)),
+            train_accuracy=sum(a for _, a in self.window) / max(1, len(self.window)),
+            early_stopped=self.early_stopped,
+        )
+
+
+def train(cfg: RunConfig, progress: bool = True, **checkpointing) -> RunResult:
+    """Train ``cfg.model`` on ``cfg.task`` and evaluate it at every eval length (see ``Trainer``)."""
+    return Trainer(cfg, progress=progress, **checkpointing).fit()
