@@ -122,7 +122,7 @@ def test_archs_and_methods_list_the_registries(capsys):
     assert looped["options"]["n_loops"] == 2 and looped["paper"]
     assert main(["methods", "--json"]) == 0
     methods = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert methods["state_noise"]["options"] == {"std": 1.0}
+    assert methods["gradient_noise"]["options"] == {"eta": 0.3, "gamma": 0.55}
     assert main(["archs"]) == 0 and "looped_lm" in capsys.readouterr().out
 
 
@@ -144,14 +144,14 @@ def test_other_architectures_train_from_the_cli_on_an_existing_task(db, capsys, 
 
 def test_set_and_train_reach_any_nested_key(db, capsys):
     argv = ["run", *TINY, "--set", "model.block.mlp=gelu", "--set", "optim.lr=0.003", "--set", "model.block.norm=layernorm",
-            "--train", "tbptt:k1=3,k2=5", "--train", "state_noise:std=0.5", "--db", str(db), "--json"]
+            "--train", "tbptt:k1=3,k2=5", "--train", "gradient_noise:eta=0.01", "--db", str(db), "--json"]
     assert main(argv) == 0, capsys.readouterr().err
     with ResultStore(db) as store:
         (run,) = store.all_runs()
     cfg = run["config"]
     assert cfg["model"]["block"]["mlp"] == "gelu" and cfg["model"]["block"]["norm"] == "layernorm"
     assert cfg["optim"]["lr"] == 0.003 and run["lr"] == 0.003
-    assert [m["name"] for m in cfg["training"]] == ["tbptt", "state_noise"]
+    assert [m["name"] for m in cfg["training"]] == ["tbptt", "gradient_noise"]
     assert cfg["training"][0]["args"] == {"k1": 3, "k2": 5}
 
 

@@ -66,7 +66,7 @@ def test_the_registry_module_is_a_leaf():
 
 def test_import_recur_fills_every_registry():
     assert len(MIXERS) >= 43 and {"causal_lm", "looped_lm", "encoder"} <= set(ARCHITECTURES)
-    assert {"state_noise", "state_passing", "tbptt", "curriculum"} <= set(METHODS)
+    assert {"state_noise", "state_passing", "tbptt", "gradient_noise", "curriculum"} <= set(METHODS)
     assert {"swiglu", "gelu", "rwkv4"} <= set(CHANNEL_MIXERS) and {"rmsnorm", "layernorm"} <= set(NORMS)
     assert "samba" in PATTERNS and "mqar" in TASKS
     assert recur.list_archs() == ARCHITECTURES.names() and recur.list_models() == MIXERS.names()

@@ -45,9 +45,9 @@ def _interrupted(cfg, directory: Path, at: int) -> None:
 
 
 # ------------------------------------------------------------------ in process
-@pytest.mark.parametrize("training", [["state_passing", "state_noise"], [{"name": "state_noise", "std": 0.5}],
-                                      ["state_passing", "state_noise", "state_noise"]],
-                         ids=["passing+noise", "state_noise", "passing+noise+noise"])
+@pytest.mark.parametrize("training", [["state_passing", "gradient_noise"], [{"name": "state_noise", "std": 0.5}],
+                                      ["state_passing", "state_noise", "gradient_noise"]],
+                         ids=["passing+gradnoise", "state_noise", "passing+noise+gradnoise"])
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, training):
     cfg = tiny(steps=24, early_stop=None, training=training)
     full = Trainer(cfg, progress=False)
@@ -82,7 +82,7 @@ def test_resuming_restores_the_early_stop_window(tmp_path):
 
 
 def test_fit_writes_periodic_and_final_checkpoints_that_resume_to_the_same_end(tmp_path):
-    cfg = tiny(steps=24, early_stop=None, training=["state_passing", "state_noise"])
+    cfg = tiny(steps=24, early_stop=None, training=["state_passing", "gradient_noise"])
     full = Trainer(cfg, progress=False, checkpoint_dir=tmp_path / "a", checkpoint_every=7)
     expected = full.fit()
     assert checkpoint.latest(tmp_path / "a") == tmp_path / "a" / "step-00000024"  # the end, not only multiples of 7
@@ -104,7 +104,7 @@ def _recur() -> list[str]:
 def _run_command(db: Path, ckpt: Path, *extra: str) -> list[str]:
     return [*_recur(), "run", "--task", "harness_shift", "--model", "elman", "--d-model", "16", "--n-layers", "1",
             "--seq-len", "8", "--batch-size", "16", "--lr", "0.01", "--eval-batches", "1", "--mlp", "None",
-            "--early-stop", "None", "--steps", str(STEPS), "--train", "state_passing", "--train", "state_noise",
+            "--early-stop", "None", "--steps", str(STEPS), "--train", "state_passing", "--train", "gradient_noise",
             "--device", "cpu", "--checkpoint-every", str(EVERY), "--checkpoint-dir", str(ckpt), "--db", str(db),
             "--json", "--no-progress", "--import", "harness_tasks", *extra]
 
@@ -132,7 +132,7 @@ def _final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_run_killed_with_sigkill_resumes_bit_identical_to_an_uninterrupted_run(tmp_path):
-    h = config_hash(tiny(steps=STEPS, early_stop=None, training=["state_passing", "state_noise"]))
+    h = config_hash(tiny(steps=STEPS, early_stop=None, training=["state_passing", "gradient_noise"]))
     killed_db, killed_ckpt = tmp_path / "killed.sqlite", tmp_path / "killed-ckpt"
     whole_db, whole_ckpt = tmp_path / "whole.sqlite", tmp_path / "whole-ckpt"
     env = _env()
@@ -229,7 +229,7 @@ def test_a_checkpoint_is_written_atomically_and_only_the_newest_kept(tmp_path):
 
 
 def test_a_save_that_dies_midway_leaves_the_previous_checkpoint_in_place(tmp_path, monkeypatch):
-    cfg = tiny(steps=20, early_stop=None, training=["state_passing", "state_noise"])
+    cfg = tiny(steps=20, early_stop=None, training=["state_passing", "gradient_noise"])
     full = Trainer(cfg, progress=False)
     expected = full.fit()
 
