@@ -51,7 +51,7 @@ def _options(obj: Any) -> dict[str, Any]:
     constructor's (or function's) keyword parameters."""
     params = getattr(obj, "Params", None)
     if params is not None and hasattr(params, "model_fields"):
-        return {k: f.default for k, f in params.model_fields.items()}
+        return {k: REQUIRED if f.is_required() else f.default for k, f in params.model_fields.items()}
     target = obj.__init__ if inspect.isclass(obj) else obj
     if not callable(target):
         return {}
@@ -61,6 +61,9 @@ def _options(obj: Any) -> dict[str, Any]:
         return {}
     return {k: p.default for k, p in sig.parameters.items()
             if p.default is not inspect.Parameter.empty and p.kind is not p.VAR_KEYWORD}
+
+
+REQUIRED = "<required>"  # what `describe` shows for an option without a default
 
 
 class Registry(Generic[T]):

@@ -123,6 +123,7 @@ def test_archs_and_methods_list_the_registries(capsys):
     assert main(["methods", "--json"]) == 0
     methods = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert methods["gradient_noise"]["options"] == {"eta": 0.3, "gamma": 0.55}
+    assert methods["tbptt"]["options"] == {"k1": "<required>", "k2": None}
     assert main(["archs"]) == 0 and "looped_lm" in capsys.readouterr().out
 
 
