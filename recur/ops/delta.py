@@ -26,6 +26,14 @@ Modes (both functions; all equal to ``reference`` up to summation order)
                ``dplr_delta`` the same form with per-dimension decays, every exponent <= 0
                (see ``_dplr_chunk`` and ``decayed_scores``).
 
+Resets: a log decay of -inf (alpha = 0, or w = 0 per dimension; also any decay so strong that
+exp underflows to exactly 0) is exact in the chunk forms, forward and backward: the cumulative
+decays come from ``recur.ops.scan.reset_cumsum`` (restarted after each reset, with a count of
+resets beside them) and every decay across a reset is exactly 0 (``log_gap``), with no
+-inf - (-inf). For ``delta_rule`` alpha_t = 0 clears the state: S_t = beta_t k_t v_t^T. For
+``dplr_delta`` w_t = 0 clears only the diagonal part: the rank-one term reads S_{t-1} before the
+decay, so S_t = b_t (S_{t-1}^T a_t)^T + k_t v_t^T; a full reset also needs a_t = 0 or b_t = 0.
+
 Shapes: q, k: [batch, heads, time, d_k]; v: [batch, heads, time, d_v];
 beta, log_alpha: [batch, heads, time]; S0 and the returned state: [batch, heads, d_k, d_v].
 ``dplr_delta`` also takes a, b: [batch, heads, time, d_k] and log_w: [batch, heads, time, d_k]
@@ -43,6 +51,7 @@ from einops import rearrange
 
 from recur.ops import delta_kernels, kernels, trace
 from recur.ops.gated import decayed_scores
+from recur.ops.scan import log_gap, log_since_start, reset_cumsum
 
 MODES = ("reference", "chunk")
 
@@ -60,7 +69,8 @@ def delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Gated) delta rule over a sequence; returns (o [batch, heads, time, d_v], S_last).
 
-    ``log_alpha`` (<= 0) is the per-head log decay, ``None`` for no decay (DeltaNet).
+    ``log_alpha`` (<= 0; -inf: a reset, S_t = beta_t k_t v_t^T) is the per-head log decay,
+    ``None`` for no decay (DeltaNet).
     ``beta`` is the writing strength, in (0, 1) (up to 2 allows negative eigenvalues).
     Half-precision inputs are computed in float32 and returned in their own dtype.
     """
@@ -130,7 +140,7 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
         O        = diag(e^g) Q S + (Q K^T * D) U,          D_ij = e^{g_i - g_j} for j <= i
         S_next   = e^{g_last} S + (diag(e^{g_last - g}) K)^T U
     Every decay is the exp of a difference g_i - g_j <= 0 (masked to -inf above the diagonal
-    before the exp), so decays that underflow give exact zeros, never inf or NaN.
+    before the exp, and across resets), so decays that underflow give exact zeros, never inf or NaN.
     """
     B, H, T, Dk = k.shape
     C = min(chunk_size, T)
@@ -143,13 +153,14 @@ def _chunk(q, k, v, beta, log_alpha, S, chunk_size):
         log_alpha = None if log_alpha is None else F.pad(log_alpha, (0, pad))
     q, k, v = (rearrange(t, "b h (n c) d -> b h n c d", c=C) for t in (q, k, v))
     beta = rearrange(beta, "b h (n c) -> b h n c", c=C)
-    g = None if log_alpha is None else rearrange(log_alpha, "b h (n c) -> b h n c", c=C).cumsum(-1)  # [b, h, n, c]
-    A, P = _masks(_Gram.apply(k), q @ k.transpose(-1, -2), g, beta)
+    # g: the cumulative log decay [b, h, n, c]; n_r: its count of resets (None without any)
+    g, n_r = (None, None) if log_alpha is None else reset_cumsum(rearrange(log_alpha, "b h (n c) -> b h n c", c=C), -1)
+    A, P = _masks(_Gram.apply(k), q @ k.transpose(-1, -2), g, beta, n_r)
     if g is None:  # DeltaNet: every decay is 1, so the decay algebra drops out
         Rw, Rv = _scaled_inputs(q, k, v, beta, g)
         q_dec, k_dec, chunk_decay = q, k, beta.new_ones(beta.shape[:3])
     else:
-        Rw, Rv, q_dec, k_dec, chunk_decay = _scaled_inputs(q, k, v, beta, g)
+        Rw, Rv, q_dec, k_dec, chunk_decay = _scaled_inputs(q, k, v, beta, g, n_r)
     # (I + A) W = diag(beta e^g) K and (I + A) U0 = diag(beta) V
     W, U0 = _unit_lower_solve_pair(A, Rw, Rv)
 
@@ -213,19 +224,20 @@ class _StatePass(torch.autograd.Function):
         return gUt, dW, dd, dK, G
 
 
-def _scaled_inputs(q, k, v, beta, g):
+def _scaled_inputs(q, k, v, beta, g, n=None):
     """Rw = diag(beta e^g) K and Rv = diag(beta) V, the solves' right-hand sides, and with a decay
     also Q and K decayed from the chunk start and to the chunk end, and the chunk's total decay:
-    (Rw, Rv, diag(e^g) Q, diag(e^{g_last - g}) K, e^{g_last}). CPU: one compiled pass each way
+    (Rw, Rv, diag(e^g) Q, diag(e^{g_last - g}) K, e^{g_last}); with resets (n their count, see
+    ``reset_cumsum``) each decay across one is 0. CPU: one compiled pass each way
     (``delta_kernels.delta_inputs``); elsewhere PyTorch ops."""
     if kernels.can_real(k):
-        return delta_kernels.delta_inputs(q, k, v, beta, g)
+        return delta_kernels.delta_inputs(q, k, v, beta, g, n)
     if g is None:
         return beta[..., None] * k, beta[..., None] * v
-    e_g = g.exp()[..., None]
-    g_last = g[..., -1:]
-    return ((beta[..., None] * e_g) * k, beta[..., None] * v, q * e_g, k * (g_last - g).exp()[..., None],
-            g_last.exp()[..., 0])
+    e_g = log_since_start(g, n).exp()[..., None]
+    g_last, n_last = g[..., -1:], None if n is None else n[..., -1:]
+    return ((beta[..., None] * e_g) * k, beta[..., None] * v, q * e_g, k * log_gap(g_last, g, n_last, n).exp()[..., None],
+            log_since_start(g_last, n_last).exp()[..., 0])
 
 
 class _Gram(torch.autograd.Function):
@@ -243,17 +255,20 @@ class _Gram(torch.autograd.Function):
         return (grad + grad.transpose(-1, -2)) @ k
 
 
-def _masks(KK, QK, g, beta):
+def _masks(KK, QK, g, beta, n=None):
     """A = strict_lower(diag(beta) KK * D) and P = lower(QK * D), D_ij = e^{g_i - g_j} (all ones
-    when g is None), for the chunk blocks KK = K K^T, QK = Q K^T [..., C, C]. CPU: one compiled
-    pass each way (``delta_kernels.delta_masks``); elsewhere PyTorch ops."""
+    when g is None; 0 where a reset lies between j and i, n_i != n_j, n the count of resets or
+    None), for the chunk blocks KK = K K^T, QK = Q K^T [..., C, C]. CPU: one compiled pass each
+    way (``delta_kernels.delta_masks``); elsewhere PyTorch ops."""
     if kernels.can_real(KK):
-        return delta_kernels.delta_masks(KK, QK, g, beta)
+        return delta_kernels.delta_masks(KK, QK, g, beta, n)
     C = KK.shape[-1]
     causal = torch.ones(C, C, dtype=torch.bool, device=KK.device).tril()
     if g is None:
         return (beta[..., None] * KK).tril(-1), QK.masked_fill(~causal, 0.0)
-    decay = (g[..., :, None] - g[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    col = lambda t: None if t is None else t[..., :, None]  # noqa: E731
+    row = lambda t: None if t is None else t[..., None, :]  # noqa: E731
+    decay = log_gap(col(g), row(g), col(n), row(n)).masked_fill(~causal, float("-inf")).exp()
     return (beta[..., None] * KK * decay).tril(-1), QK * decay
 
 
@@ -287,7 +302,8 @@ def dplr_delta(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S_t = (Diag(w_t) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t; returns (o, S_last).
 
-    q, k, a, b: [batch, heads, time, d_k]; v: [batch, heads, time, d_v]; ``log_w`` (<= 0) the
+    q, k, a, b: [batch, heads, time, d_k]; v: [batch, heads, time, d_v]; ``log_w`` (<= 0, -inf
+    allowed: see the module docstring on resets) the
     log decay per key dimension [batch, heads, time, d_k], per head [batch, heads, time], or
     None (w = 1); S0: [batch, heads, d_k, d_v] or None (zeros). o: [batch, heads, time, d_v].
     The rank-one term reads the state at key a_t before the step's decay and writes the read
@@ -373,19 +389,20 @@ def _dplr_chunk(q, k, v, g, a, b, S, chunk_size):
     if pad:  # padded steps have q = k = v = a = b = 0 and w = 1: they leave the state unchanged
         q, k, v, a, b, g = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v, a, b, g))
     q, k, v, a, b, g = (rearrange(t, "b h (n c) d -> b h n c d", c=C) for t in (q, k, v, a, b, g))
-    c = g.cumsum(-2)  # through step i: [b, h, n, C, G]
-    c_before = F.pad(c[..., :-1, :], (0, 0, 1, 0))  # through step i-1 (the read happens before the decay)
-    c_last = c[..., -1:, :]
+    c, n_r = reset_cumsum(g, -2)  # through step i: [b, h, n, C, G]; n_r counts resets (None: none)
+    shift = lambda t: None if t is None else F.pad(t[..., :-1, :], (0, 0, 1, 0))  # noqa: E731
+    c_before, n_before = shift(c), shift(n_r)  # through step i-1 (the read happens before the decay)
+    c_last, n_last = c[..., -1:, :], None if n_r is None else n_r[..., -1:, :]
 
     # Scores sharing a query and its decays are computed together: the two key sets are stacked on
     # a leading dimension that the query and the decays broadcast over.
-    A_ab, A_ak = decayed_scores(a, torch.stack([b, k]), c_before, c, strict=True).unbind(0)
-    A_qk, A_qb = decayed_scores(q, torch.stack([k, b]), c, c, strict=False).unbind(0)
-    W, U0 = _unit_lower_solve_pair(-A_ab, a * c_before.exp(), A_ak @ v)
-    to_end = (c_last - c).exp()
+    A_ab, A_ak = decayed_scores(a, torch.stack([b, k]), c_before, c, True, n_before, n_r).unbind(0)
+    A_qk, A_qb = decayed_scores(q, torch.stack([k, b]), c, c, False, n_r, n_r).unbind(0)
+    W, U0 = _unit_lower_solve_pair(-A_ab, a * log_since_start(c_before, n_before).exp(), A_ak @ v)
+    to_end = log_gap(c_last, c, n_last, n_r).exp()
     b_end = b * to_end
     kv_end = (k * to_end).transpose(-1, -2) @ v  # [b, h, n, d_k, d_v]
-    decay = c_last.exp().transpose(-1, -2)  # [b, h, n, G, 1]
+    decay = log_since_start(c_last, n_last).exp().transpose(-1, -2)  # [b, h, n, G, 1]
 
     states = []
     for U0_c, W_c, b_c, kv_c, decay_c in zip(*(t.unbind(2) for t in (U0, W, b_end, kv_end, decay))):
@@ -393,6 +410,6 @@ def _dplr_chunk(q, k, v, g, a, b, S, chunk_size):
         U = U0_c + W_c @ S
         S = decay_c * S + kv_c + b_c.transpose(-1, -2) @ U
     Sc = torch.stack(states, dim=2)  # the state entering each chunk: [b, h, n, d_k, d_v]
-    o = (q * c.exp()) @ Sc + A_qk @ v + A_qb @ (U0 + W @ Sc)
+    o = (q * log_since_start(c, n_r).exp()) @ Sc + A_qk @ v + A_qb @ (U0 + W @ Sc)
     o = rearrange(o, "b h n c d -> b h (n c) d")[:, :, :T]
     return o, S

@@ -6,7 +6,8 @@
 
     q, k:      [batch, heads, time, d_k]
     v:         [batch, heads, time, d_v]
-    log_alpha: [batch, heads, time, d_k]  per key dimension (GLA, GateLoop, HGRN-2, RWKV-6)
+    log_alpha: [batch, heads, time, d_k]  per key dimension (GLA, GateLoop, HGRN-2, RWKV-6), <= 0
+                                          (-inf: alpha = 0, a reset of the state)
                [batch, heads, time]       one decay per head and step (RetNet, Mamba-2, mLSTM)
                None                       alpha = 1 (linear attention, fast weights)
     S0:        [batch, heads, d_k, d_v] or None (zeros)
@@ -43,6 +44,19 @@ through the reference point r = c at the end of the first half: exp(c_i - r) * e
 both factors <= 1, one matmul per halving level (``decayed_scores``; chunk lengths that are
 not a power of two use fixed sub-chunks instead: Yang et al. 2023, secondary-level chunking).
 
+Resets. log alpha = -inf (alpha = 0: S_t = k_t v_t^T, e.g. at a document boundary of a packed
+sequence), or any log decay so strong that exp underflows to exactly 0 (-1e4, -1e30), would
+make the cumulative sums -inf and their differences NaN, or round away the later decays. The
+chunk forms take c from ``recur.ops.scan.reset_cumsum`` instead: c restarts after each reset
+and a count n of resets runs beside it, and every difference above is taken only between
+points with equal n, -inf (a decay of exactly 0) across a reset (``log_gap``): the masked pairs,
+both factors through r, the decays from the chunk start and to its end, and the chunk's total
+decay passed to the next chunk (0 when the chunk holds a reset). Every exponent stays <= 0
+and finite minus finite, forward and backward, and nothing before a reset reaches any output
+after it, not even in the rounding. Per key dimension, a reset may hold for some dimensions
+only. With resets the factored path (``FACTOR_LIMIT``) is never taken: a reset's decay is far
+below the limit. Without resets nothing changes (one check of g).
+
 Low-precision inputs (float16/bfloat16) are computed in float32 and cast back.
 """
 
@@ -55,7 +69,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from recur.ops import gated_kernels, kernels, trace
-from recur.ops.scan import fast_scan
+from recur.ops.scan import fast_scan, log_gap, log_since_start, reset_cumsum, segment_cummax
 
 MODES = ("reference", "chunk", "parallel")
 SUB_CHUNK = 16  # sub-chunk length for per-dimension decays (pairwise tensor [sub, sub, d_k])
@@ -84,7 +98,8 @@ def gated_matrix(
     With ``output_before_update`` the output reads S_{t-1} instead of S_t; ``bonus`` u
     [heads, d_k] adds (q_t * u . k_t) v_t to o_t. o: [batch, heads, time, d_v] and S_last:
     [batch, heads, d_k, d_v], in q's dtype. No scaling is applied to q or k. ``log_alpha``
-    (<= 0) and ``bonus`` may have another floating dtype.
+    (<= 0; -inf is a reset, alpha = 0, exact in every mode: see the module docstring) and
+    ``bonus`` may have another floating dtype.
     """
     _check_mode(mode, chunk_size)
     _check(q, k, v, log_alpha, S0, "gated_matrix")
@@ -132,7 +147,8 @@ def gated_matrix_stabilized(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gated recurrence with an exponential input gate, kept in range by a running maximum.
 
-    Per head, with a scalar log forget gate log f_t <= 0 and an unbounded log input gate i_t:
+    Per head, with a scalar log forget gate log f_t <= 0 (-inf: a reset) and an unbounded log
+    input gate i_t:
 
         S_t = f_t S_{t-1} + exp(i_t) k_t v_t^T                     (the true state)
         m_t = max(log f_t + m_{t-1}, i_t)                          (the stabiliser)
@@ -150,7 +166,9 @@ def gated_matrix_stabilized(
     and both exponents are <= 0 by the definition of m_t. m depends on the gates only, not on
     the state, so it is computed first (``reference``: the loop above; ``chunk``/``parallel``:
     within a chunk, m_t = c_t + max(m_start, max_{j<=t} (i_j - c_j)) with c the chunk-local
-    cumulative log f, and the last m carried to the next chunk), and the scaled recurrence is
+    cumulative log f, and the last m carried to the next chunk; with resets, log f_t = -inf,
+    m_t = i_t: the maximum runs from the last reset and m_start counts only before the chunk's
+    first, see ``recur.ops.scan.reset_cumsum``), and the scaled recurrence is
     then ``gated_matrix`` with log alpha'_t = log f_t + m_{t-1} - m_t and k'_t = exp(i_t - m_t) k_t,
     in the same mode, with all of its numerics (every exponent <= 0). The stabiliser is
     therefore a primitive, not a layer detail: its chunked form is what makes the chunked
@@ -253,13 +271,18 @@ def _running_max_chunked(log_f, log_i, m, chunk_size: int):
     pad = n_chunks * chunk_size - T
     if pad:  # padding steps have f = 1 and i = -inf: they leave m unchanged
         log_f, log_i = F.pad(log_f, (0, pad)), F.pad(log_i, (0, pad), value=-math.inf)
-    c = rearrange(log_f, "b h (n c) -> b h n c", c=chunk_size).cumsum(-1)  # chunk-local cumulative log f
-    best = (rearrange(log_i, "b h (n c) -> b h n c", c=chunk_size) - c).cummax(-1).values  # max_{j<=t} (i_j - c_j)
+    # chunk-local cumulative log f; with resets (log f = -inf) the maximum restarts at each,
+    # and the entering m counts only before the chunk's first (``reset_cumsum``)
+    c, n = reset_cumsum(rearrange(log_f, "b h (n c) -> b h n c", c=chunk_size), dim=-1)
+    best = rearrange(log_i, "b h (n c) -> b h n c", c=chunk_size) - c
+    best = best.cummax(-1).values if n is None else segment_cummax(best, n, dim=-1)  # max_{j<=t} (i_j - c_j)
     starts = []
-    for c_last, best_last in zip(c[..., -1].unbind(2), best[..., -1].unbind(2)):  # carry m between chunks
+    open_last = [None] * n_chunks if n is None else (n[..., -1] == 0).unbind(2)  # no reset in the chunk
+    for c_last, best_last, open_c in zip(c[..., -1].unbind(2), best[..., -1].unbind(2), open_last):  # carry m
         starts.append(m)
-        m = c_last + torch.maximum(m, best_last)
-    m = c + torch.maximum(torch.stack(starts, dim=2).unsqueeze(-1), best)
+        m = c_last + torch.maximum(m if open_c is None else torch.where(open_c, m, -math.inf), best_last)
+    start = torch.stack(starts, dim=2).unsqueeze(-1)
+    m = c + torch.maximum(start if n is None else torch.where(n == 0, start, -math.inf), best)
     return rearrange(m, "b h n c -> b h (n c)")[..., :T]
 
 
@@ -284,13 +307,17 @@ def _chunked(q, k, v, g, S, chunk_size: int, before: bool, u):
         # in place: the matmul's backward does not read its output
         scores = (q_dec @ k_inv.transpose(-1, -2)).masked_fill_(~causal, 0.0)
     else:
-        c = g.cumsum(dim=-2)  # log decay from the chunk start through step i (inclusive)
-        c_last = c[..., -1:, :]  # [b, h, n, 1, G]
+        # log decay from the chunk start through step i (inclusive), with n the count of resets
+        # (None without any: see ``reset_cumsum``)
+        c, n = reset_cumsum(g, dim=-2)
+        c_last, n_last = c[..., -1:, :], None if n is None else n[..., -1:, :]  # [b, h, n, 1, G]
         # The query's log decay: through step i, or through step i-1 when it reads the state
         # before the update (the exclusive cumulative sum, shifted so c_{i-1} - c_{i-1} is exactly 0).
-        cq = F.pad(c[..., :-1, :], (0, 0, 1, 0)) if before else c
-        scores = _intra_scores(q, k, cq, c, strict=before)  # contributions of steps inside the same chunk
-        q_dec, k_end = q * cq.exp(), k * (c_last - c).exp()
+        shift = lambda t: None if t is None else F.pad(t[..., :-1, :], (0, 0, 1, 0))  # noqa: E731
+        cq, nq = (shift(c), shift(n)) if before else (c, n)
+        scores = _intra_scores(q, k, cq, c, strict=before, nq=nq, nk=n)  # steps inside the same chunk
+        q_dec, k_end = q * log_since_start(cq, nq).exp(), k * log_gap(c_last, c, n_last, n).exp()
+        c_last = log_since_start(c_last, n_last)  # the chunk's total decay: 0 if it holds a reset
     if u is not None:  # the bonus is the diagonal of the intra-chunk scores
         scores = scores + torch.diag_embed((q * u.unsqueeze(-3) * k).sum(-1))
     o = scores @ v
@@ -326,39 +353,46 @@ def _factored_decays(q, k, g, before: bool):
     return q_dec, k_inv, k_inv * c_last.exp(), c_last
 
 
-def _intra_scores(q, k, cq, ck, strict: bool):
+def _intra_scores(q, k, cq, ck, strict: bool, nq=None, nk=None):
     """Decayed causal scores A[i, j] = sum_d q_id k_jd exp(cq_id - ck_jd) for j <= i (j < i if
-    ``strict``), else 0.
+    ``strict``), else 0; and 0 where a reset lies between the two (nq_i != nk_j).
 
     q, k: [..., C, d_k]; cq, ck: [..., C, G] cumulative log decays of queries and keys (G = 1 or
-    d_k), with cq_i - ck_j <= 0 on the unmasked pairs. Returns [..., C, C].
+    d_k), with cq_i - ck_j <= 0 on the unmasked pairs; nq, nk: their counts of resets, or None
+    (``reset_cumsum``). Returns [..., C, C].
     """
     C = q.shape[-2]
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if strict else 0)
+    tr = lambda t: None if t is None else t.transpose(-1, -2)  # noqa: E731
     if ck.shape[-1] == 1:  # one decay per head: the decay factors out of the dot product
-        diff = (cq - ck.transpose(-1, -2)).masked_fill(~causal, -math.inf)
+        diff = log_gap(cq, ck.transpose(-1, -2), nq, tr(nk)).masked_fill(~causal, -math.inf)
         return (q @ k.transpose(-1, -2)) * diff.exp()
 
     if C & (C - 1) == 0:  # a power of two: recursive halving, no [C, C, d_k] tensor
-        return decayed_scores(q, k, cq, ck, strict)
+        return decayed_scores(q, k, cq, ck, strict, nq, nk)
 
     # Other chunk lengths: per-dimension decays in sub-chunks of length s (a divisor of C).
     s = max(d for d in range(1, min(C, SUB_CHUNK) + 1) if C % d == 0)
     A = C // s
-    qs, ks, cqs, cks = (rearrange(t, "... (a s) d -> ... a s d", s=s) for t in (q, k, cq, ck))
+    subs = lambda t: None if t is None else rearrange(t, "... (a s) d -> ... a s d", s=s)  # noqa: E731
+    qs, ks, cqs, cks, nqs, nks = (subs(t) for t in (q, k, cq, ck, nq, nk))
+    unsq = lambda t, d: None if t is None else t.unsqueeze(d)  # noqa: E731
 
     # Pairs within one sub-chunk: pairwise decays, masked before exp.
     tri = causal[:s, :s]
-    diff = (cqs.unsqueeze(-2) - cks.unsqueeze(-3)).masked_fill(~tri[:, :, None], -math.inf)  # [..., a, i, j, d_k]
+    diff = log_gap(cqs.unsqueeze(-2), cks.unsqueeze(-3), unsq(nqs, -2), unsq(nks, -3))
+    diff = diff.masked_fill(~tri[:, :, None], -math.inf)  # [..., a, i, j, d_k]
     diag = torch.einsum("...id,...jd,...ijd->...ij", qs, ks, diff.exp())  # [..., a, s, s]
 
     # Pairs in earlier sub-chunks: through the reference point r_a (ck just before sub-chunk a;
     # a query of sub-chunk a has decayed at least that far, also when it reads the state before
     # its own update, since its exclusive sum starts at r_a).
-    r = torch.cat([torch.zeros_like(cks[..., :1, -1:, :]), cks[..., :-1, -1:, :]], dim=-3)  # [..., a, 1, d_k]
-    q_r = qs * (cqs - r).exp()  # exponent <= 0
+    before_sub = lambda t: torch.cat([torch.zeros_like(t[..., :1, -1:, :]), t[..., :-1, -1:, :]], dim=-3)  # noqa: E731
+    r, nr = before_sub(cks), None if nks is None else before_sub(nks)  # [..., a, 1, d_k]
+    q_r = qs * log_gap(cqs, r, nqs, nr).exp()  # exponent <= 0
     earlier = torch.arange(C, device=q.device)[None, :] < (s * torch.arange(A, device=q.device))[:, None]  # [a, C]
-    to_ref = (r - ck.unsqueeze(-3)).masked_fill(~earlier[:, :, None], -math.inf)  # [..., a, C, d_k], exponent <= 0
+    to_ref = log_gap(r, ck.unsqueeze(-3), nr, unsq(nk, -3))
+    to_ref = to_ref.masked_fill(~earlier[:, :, None], -math.inf)  # [..., a, C, d_k], exponent <= 0
     k_r = k.unsqueeze(-3) * to_ref.exp()
     scores = rearrange(q_r @ k_r.transpose(-1, -2), "... a i (b j) -> ... a i b j", j=s)
     on_diag = torch.eye(A, dtype=torch.bool, device=q.device)[:, None, :, None]
@@ -366,12 +400,14 @@ def _intra_scores(q, k, cq, ck, strict: bool):
     return rearrange(scores, "... a i b j -> ... (a i) (b j)")
 
 
-def decayed_scores(x, y, cx, cy, strict: bool):
+def decayed_scores(x, y, cx, cy, strict: bool, nx=None, ny=None):
     """A[i, j] = sum_d x_id y_jd exp(cx_id - cy_jd) for j <= i (j < i if ``strict``), else 0.
 
     x, y: [..., C, d] (leading dimensions broadcast); cx, cy: [..., C, G] cumulative log decays,
     G = d (per dimension) or 1 (per head), non-increasing along C with cx_i <= cy_j whenever
     j <= i (j < i if strict) and cx_i <= cy_i. C must be a power of two. Returns [..., C, C].
+    With resets (``reset_cumsum``), nx, ny [..., C, G] count them: a term is 0 where a reset lies
+    between the two (nx_id != ny_jd), and a cross term through r is 0 if one lies on either side.
 
     Every exponent is <= 0, so decays that underflow give exact zeros, never inf or NaN. With one
     decay per head the masked pairwise differences are exponentiated directly. Per dimension, the
@@ -383,20 +419,22 @@ def decayed_scores(x, y, cx, cy, strict: bool):
     C = x.shape[-2]
     if cy.shape[-1] == 1:
         causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
-        diff = (cx - cy.transpose(-1, -2)).masked_fill(~causal, -math.inf)
-        return (x @ y.transpose(-1, -2)) * diff.exp()
+        diff = log_gap(cx, cy.transpose(-1, -2), nx, None if ny is None else ny.transpose(-1, -2))
+        return (x @ y.transpose(-1, -2)) * diff.masked_fill(~causal, -math.inf).exp()
     lead = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2], cx.shape[:-2], cy.shape[:-2])
     if strict:
         A = x.new_zeros(*lead, C, 1, 1)
     else:
-        A = (x * y * (cx - cy).exp()).sum(-1).expand(*lead, C)[..., None, None]
+        A = (x * y * log_gap(cx, cy, nx, ny).exp()).sum(-1).expand(*lead, C)[..., None, None]
     h = 1
     while h < C:  # blocks of size h (A: [..., C / h, h, h]) are paired into blocks of size 2h
         halves = lambda t: t.unflatten(-2, (C // (2 * h), 2, h))  # noqa: E731  [..., blocks, 2, h, d]
-        xs, cxs = halves(x)[..., 1, :, :], halves(cx)[..., 1, :, :]  # queries: second halves
-        ys, cys = halves(y)[..., 0, :, :], halves(cy)[..., 0, :, :]  # keys: first halves
-        r = cys[..., -1:, :]
-        cross = (xs * (cxs - r).exp()) @ (ys * (r - cys).exp()).transpose(-1, -2)  # [..., blocks, h, h]
+        late = lambda t: None if t is None else halves(t)[..., 1, :, :]  # noqa: E731  queries: second halves
+        early = lambda t: None if t is None else halves(t)[..., 0, :, :]  # noqa: E731  keys: first halves
+        xs, cxs, nxs = late(x), late(cx), late(nx)
+        ys, cys, nys = early(y), early(cy), early(ny)
+        r, nr = cys[..., -1:, :], None if nys is None else nys[..., -1:, :]
+        cross = (xs * log_gap(cxs, r, nxs, nr).exp()) @ (ys * log_gap(r, cys, nr, nys).exp()).transpose(-1, -2)
         A = A.unflatten(-3, (C // (2 * h), 2))  # [..., blocks, 2, h, h]
         first, second = A[..., 0, :, :], A[..., 1, :, :]
         A = torch.cat([torch.cat([first, torch.zeros_like(first)], -1), torch.cat([cross, second], -1)], -2)

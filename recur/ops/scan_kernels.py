@@ -17,6 +17,10 @@ a row of a d_k x d_v matrix state), read per group instead of expanded.
 
 Used by ``recur.ops.scan.diagonal_scan``'s chunk mode for CPU tensors (see
 ``recur.ops.kernels`` for the switch); the PyTorch two-level scan is the fallback.
+
+Also here: ``segment_cumsum``, the cumulative sum restarted at each reset that the chunk forms
+use for log decays with resets (``recur.ops.scan.reset_cumsum``), one pass each way in place
+of the PyTorch doubling scan's log2(length) steps.
 """
 
 from __future__ import annotations
@@ -217,3 +221,68 @@ def scan(log_a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor
         la = log_a.expand(Ba, Ta, *dims_b).reshape(Ba, Ta, C)
     hs = _Scan.apply(la.contiguous(), _as_3d(b, C).contiguous(), h0.reshape(b.shape[0], C).contiguous(), rep)
     return hs.reshape(b.shape)
+
+
+# The cumulative sum along the middle axis of x [M, C, G], restarted at each reset: n [M, C, G]
+# counts the resets (non-decreasing along C), and out_i = sum_{j <= i, n_j = n_i} x_j. Backward,
+# with dout the gradient reaching out: dx_j = sum_{i >= j, n_i = n_j} dout_i, the same sum run
+# backwards. Sums in float64 (as torch.cumsum's for float32 on CPU), restarted from 0 at each
+# reset, so a segment's sums never see anything before it.
+if numba is not None:
+
+    @njit(parallel=True, cache=True)
+    def _segment_cumsum(x, n, out):  # pragma: no cover - compiled
+        M, C, G = x.shape
+        for m in prange(M):
+            acc = np.zeros(G, dtype=np.float64)
+            for i in range(C):
+                xi, ni, oi = x[m, i], n[m, i], out[m, i]
+                for g in range(G):
+                    if ni[g] != (n[m, i - 1, g] if i > 0 else 0):
+                        acc[g] = 0.0
+                    acc[g] += xi[g]
+                    oi[g] = acc[g]
+
+    @njit(parallel=True, cache=True)
+    def _segment_cumsum_backward(dout, n, dx):  # pragma: no cover - compiled
+        M, C, G = dout.shape
+        for m in prange(M):
+            acc = np.zeros(G, dtype=np.float64)
+            for i in range(C - 1, -1, -1):
+                di, ni, dxi = dout[m, i], n[m, i], dx[m, i]
+                for g in range(G):
+                    acc[g] += di[g]
+                    dxi[g] = acc[g]
+                    if ni[g] != (n[m, i - 1, g] if i > 0 else 0):  # a reset at i: its segment starts here
+                        acc[g] = 0.0
+
+
+class _SegmentCumsum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n):
+        out = torch.empty_like(x)
+        _set_threads()
+        _segment_cumsum(x.numpy(), n.numpy(), out.numpy())
+        ctx.save_for_backward(n)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        (n,) = ctx.saved_tensors
+        dx = torch.empty_like(dout)
+        _set_threads()
+        _segment_cumsum_backward(dout.contiguous().numpy(), n.numpy(), dx.numpy())
+        return dx, None
+
+
+def can_segment_cumsum(x: torch.Tensor) -> bool:
+    return enabled() and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+
+
+def segment_cumsum(x: torch.Tensor, n: torch.Tensor, dim: int) -> torch.Tensor:
+    """sum_{j <= i, n_j = n_i} x_j along ``dim`` (n: the count of resets, x's shape); compiled, CPU."""
+    dim = dim % x.ndim
+    M, C = int(np.prod(x.shape[:dim])), x.shape[dim]
+    as3 = lambda t: t.reshape(M, C, -1).contiguous()  # noqa: E731
+    return _SegmentCumsum.apply(as3(x), as3(n.expand(x.shape))).view(x.shape)

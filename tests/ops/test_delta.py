@@ -4,9 +4,13 @@ the sequential references.
 Exactness checks run in float64, where modes differ only in summation order (~1e-14),
 so RTOL/ATOL leave orders of magnitude of headroom while catching any real mismatch.
 Keys are L2-normalised as the layers feed them (the rule is only contractive for |k| <= 1).
+Decays include resets (log decay -inf, -1e30 or -1e4: decay exactly 0), drawn at random and
+placed at chosen steps, on both kernel paths.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -16,13 +20,15 @@ from hypothesis import strategies as st
 
 from recur.ops.delta import delta_rule, dplr_delta
 from recur.ops.gated import gated_matrix
+from resets import RESET_PATTERNS, place_resets, reset_steps, with_resets
 
 RTOL, ATOL = 1e-8, 1e-10
 
 # beta regimes: typical, near 0, near 1, and up to 2 (negative eigenvalues of I - beta k k^T)
 BETAS = {"uniform": (0.0, 1.0), "near0": (0.0, 1e-6), "near1": (1 - 1e-6, 1.0), "upto2": (0.0, 2.0)}
-# log alpha per step: none (DeltaNet), typical, decay ~0 (underflows within a chunk), ~1
-DECAYS = {"none": None, "typical": (-1.0, 0.0), "near0": (-31.0, -29.0), "near1": (-2e-4, 0.0)}
+# log alpha per step: none (DeltaNet), typical, decay ~0 (underflows within a chunk), ~1, and
+# typical with a fifth of the steps resets (-inf, -1e30, -1e4)
+DECAYS = {"none": None, "typical": (-1.0, 0.0), "near0": (-31.0, -29.0), "near1": (-2e-4, 0.0), "reset": (-1.0, 0.0)}
 
 
 def inputs(B, H, T, Dk, Dv, beta="uniform", decay="typical", init=True, dtype=torch.float64, seed=0):
@@ -36,6 +42,8 @@ def inputs(B, H, T, Dk, Dv, beta="uniform", decay="typical", init=True, dtype=to
     v = torch.randn(B, H, T, Dv, generator=g, dtype=dtype)
     b = uniform(*BETAS[beta], B, H, T)
     la = None if DECAYS[decay] is None else uniform(*DECAYS[decay], B, H, T)
+    if decay == "reset":
+        la = with_resets(la, g)
     S0 = torch.randn(B, H, Dk, Dv, generator=g, dtype=dtype) if init else None
     return q, k, v, b, la, S0
 
@@ -157,6 +165,79 @@ def test_half_precision_is_computed_in_float32():
     torch.testing.assert_close(o16.float(), o32, rtol=0.05, atol=0.05)  # bfloat16 inputs carry ~3 digits
 
 
+# ------------------------------------------------------------------ resets (log alpha = -inf)
+def assert_all_finite(run_result, what):
+    o, S, grads = run_result
+    assert torch.isfinite(o).all() and torch.isfinite(S).all(), f"{what}: non-finite forward"
+    assert all(torch.isfinite(g).all() for g in grads), f"{what}: non-finite gradient"
+
+
+def test_minimal_reset_gives_the_reference(kernel_path):
+    """q = k = v = 1, beta = 1/2, log alpha = [0, -inf, 0]: o = [1/2, 1/2, 3/4] (the chunk form
+    gave NaN everywhere: -inf - (-inf) in its decays); gradients equal the reference's."""
+    ones = torch.ones(1, 1, 3, 1, dtype=torch.float64)
+    beta = torch.full((1, 1, 3), 0.5, dtype=torch.float64)
+    log_alpha = torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64).view(1, 1, 3)
+    args = (ones, ones, ones, beta, log_alpha, None)
+    o_ref, _, _ = run(args, "reference")
+    torch.testing.assert_close(o_ref.flatten(), torch.tensor([0.5, 0.5, 0.75], dtype=torch.float64))
+    for C in (1, 2, 64):
+        assert_all_finite(run(args, "chunk", C), f"chunk_size={C}")
+        assert_modes_agree(args, C)
+
+
+def reset_inputs(pattern, T, C, dtype=torch.float64, seed=0):
+    """Gated delta-rule inputs with resets at ``pattern``'s steps and, beside them, two very strong
+    finite decays (-1e4, -1e30)."""
+    q, k, v, b, la, S0 = inputs(2, 2, T, 4, 3, decay="typical", dtype=dtype, seed=seed)
+    la = place_resets(la, reset_steps(pattern, T, C), time_dim=2)
+    if pattern not in ("all", "every_other"):
+        la = place_resets(place_resets(la, [C + 5], time_dim=2, value=-1e4), [2 * C + 2], time_dim=2, value=-1e30)
+    return q, k, v, b, la, S0
+
+
+@pytest.mark.parametrize("pattern", RESET_PATTERNS)
+def test_resets_at_chosen_steps_equal_reference(pattern, kernel_path):
+    """Resets on the first step, the last, both sides of a chunk edge, several in one chunk,
+    consecutive steps, every step, every other step: the chunk form equals the reference, forward
+    and gradients (float64)."""
+    args = reset_inputs(pattern, 37, 16)
+    assert_all_finite(run(args, "chunk", 16), pattern)
+    assert_modes_agree(args, 16)
+
+
+@pytest.mark.parametrize("pattern", ["chunk_edge", "consecutive", "all", "every_other"])
+def test_resets_in_float32_match_float64(pattern, kernel_path):
+    args = reset_inputs(pattern, 37, 16, dtype=torch.float32, seed=1)
+    o64, S64, g64 = run([None if a is None else a.double() for a in args], "reference")
+    scale = max(float(g.abs().max()) for g in g64)
+    for mode in ("reference", "chunk"):
+        o, S, grads = run(args, mode, 16)
+        assert_all_finite((o, S, grads), mode)
+        torch.testing.assert_close(o.double(), o64, rtol=1e-5, atol=1e-5 * float(o64.abs().max()))
+        torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-5 * float(S64.abs().max()))
+        for a, b in zip(grads, g64):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reset_at", [0, 15, 16, 21])
+def test_nothing_leaks_across_a_reset(reset_at, dtype, kernel_path):
+    """After a reset the state is exactly the write of that step: other inputs before it (initial
+    state included) leave every later output and the final state identical, bit for bit."""
+    q, k, v, b, la, S0 = inputs(2, 2, 40, 4, 3, decay="typical", dtype=dtype, seed=2)
+    la = place_resets(la, [reset_at], time_dim=2)
+    g = torch.Generator().manual_seed(3)
+    changed = [t.clone() for t in (q, k, v, b, la)]
+    for t in changed:
+        t[:, :, :reset_at] = torch.rand(t[:, :, :reset_at].shape, generator=g, dtype=dtype)
+    changed[4][:, :, :reset_at] *= -3
+    for mode in ("reference", "chunk"):
+        o, S = delta_rule(q, k, v, b, la, S0, mode=mode, chunk_size=16)
+        o2, S2 = delta_rule(*changed, 2 * S0, mode=mode, chunk_size=16)
+        assert torch.equal(o[:, :, reset_at:], o2[:, :, reset_at:]) and torch.equal(S, S2), mode
+
+
 def test_bad_shapes_raise_naming_the_expected_shape():
     q, k, v, b, la, S0 = inputs(2, 2, 5, 4, 3)
     with pytest.raises(ValueError, match="d_k"):
@@ -181,8 +262,8 @@ def test_bad_shapes_raise_naming_the_expected_shape():
 # Low-rank terms: RWKV-7's (a = -kappa, b = kappa * lr, |kappa| = 1, lr in (0, 1)), the delta rule's
 # (a = k, b = -alpha beta k with beta up to 2), and unstructured small vectors (|b^T a| < 1).
 LOW_RANK = ("rwkv7", "delta", "random")
-# log w: per key dimension or per head, typical / underflowing within a chunk / ~1, or none
-W_DECAYS = {"none": None, "typical": (-1.0, 0.0), "near0": (-31.0, -29.0), "near1": (-2e-4, 0.0)}
+# log w: per key dimension or per head, typical / underflowing within a chunk / ~1 / with resets, or none
+W_DECAYS = {"none": None, "typical": (-1.0, 0.0), "near0": (-31.0, -29.0), "near1": (-2e-4, 0.0), "reset": (-1.0, 0.0)}
 
 
 def dplr_inputs(B, H, T, Dk, Dv, low_rank="rwkv7", decay="typical", per_dim=True, init=True,
@@ -198,6 +279,8 @@ def dplr_inputs(B, H, T, Dk, Dv, low_rank="rwkv7", decay="typical", per_dim=True
     v = torch.randn(B, H, T, Dv, generator=g, dtype=dtype)
     shape = (B, H, T, Dk) if per_dim else (B, H, T)
     log_w = None if W_DECAYS[decay] is None else uniform(*W_DECAYS[decay], *shape)
+    if decay == "reset":
+        log_w = with_resets(log_w, g)
     unit = F.normalize(torch.randn(B, H, T, Dk, generator=g, dtype=dtype), dim=-1)
     if low_rank == "rwkv7":
         a, b = -unit, unit * uniform(0.0, 1.0, B, H, T, Dk)
@@ -328,6 +411,76 @@ def test_dplr_extreme_decays_stay_finite_and_accurate_in_float32(decay):
         torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-5 * float(S64.abs().max()))
         for i, (x, y) in enumerate(zip(grads, g64)):
             torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{mode}, gradient {i}: {m}")
+
+
+@pytest.mark.parametrize("per_dim", [False, True])
+def test_dplr_minimal_reset_gives_the_reference(per_dim, kernel_path):
+    """q = k = v = 1, a = b = 0 (gated linear attention), log w = [0, -inf, 0]: o = [1, 1, 2],
+    per head and per key dimension (the chunk form gave NaN); gradients equal the reference's."""
+    ones = torch.ones(1, 1, 3, 1, dtype=torch.float64)
+    log_w = torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64).view(1, 1, 3)
+    log_w = log_w.unsqueeze(-1) if per_dim else log_w
+    args = (ones, ones, ones, log_w, 0 * ones, 0 * ones, None)
+    o_ref, _, _ = run_dplr(args, "reference")
+    torch.testing.assert_close(o_ref.flatten(), torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
+    for C in (1, 2, 64):
+        assert_all_finite(run_dplr(args, "chunk", C), f"chunk_size={C}")
+        assert_dplr_modes_agree(args, C)
+
+
+def dplr_reset_inputs(pattern, T, C, low_rank, per_dim, dtype=torch.float64, seed=0):
+    q, k, v, log_w, a, b, S0 = dplr_inputs(2, 2, T, 4, 3, low_rank, "typical", per_dim, dtype=dtype, seed=seed)
+    log_w = place_resets(log_w, reset_steps(pattern, T, C), time_dim=2)
+    if pattern not in ("all", "every_other"):
+        log_w = place_resets(place_resets(log_w, [C + 5], time_dim=2, value=-1e4), [2 * C + 2], time_dim=2, value=-1e30)
+    return q, k, v, log_w, a, b, S0
+
+
+@pytest.mark.parametrize("per_dim", [False, True])
+@pytest.mark.parametrize("low_rank", LOW_RANK)
+@pytest.mark.parametrize("pattern", RESET_PATTERNS)
+def test_dplr_resets_at_chosen_steps_equal_reference(pattern, low_rank, per_dim, kernel_path):
+    args = dplr_reset_inputs(pattern, 37, 16, low_rank, per_dim)
+    assert_all_finite(run_dplr(args, "chunk", 16), pattern)
+    assert_dplr_modes_agree(args, 16)
+
+
+@pytest.mark.parametrize("per_dim", [False, True])
+@pytest.mark.parametrize("pattern", ["chunk_edge", "consecutive", "all", "every_other"])
+def test_dplr_resets_in_float32_match_float64(pattern, per_dim, kernel_path):
+    args = dplr_reset_inputs(pattern, 37, 16, "rwkv7", per_dim, dtype=torch.float32, seed=1)
+    o64, S64, g64 = run_dplr([None if t is None else t.double() for t in args], "reference")
+    scale = max(float(g.abs().max()) for g in g64)
+    for mode in ("reference", "chunk"):
+        o, S, grads = run_dplr(args, mode, 16)
+        assert_all_finite((o, S, grads), mode)
+        torch.testing.assert_close(o.double(), o64, rtol=1e-5, atol=1e-5 * float(o64.abs().max()))
+        torch.testing.assert_close(S.double(), S64, rtol=1e-5, atol=1e-5 * float(S64.abs().max()))
+        for x, y in zip(grads, g64):
+            torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("per_dim", [False, True])
+@pytest.mark.parametrize("reset_at", [0, 15, 16, 21])
+def test_dplr_nothing_leaks_across_a_reset(reset_at, per_dim, dtype, kernel_path):
+    """A reset on every key dimension at one step, with b = 0 there: the rank-one term reads the
+    state before the step's decay (S_t = Diag(w_t) S_{t-1} + b_t (S_{t-1}^T a_t)^T + k_t v_t^T),
+    so w_t = 0 alone leaves b_t a_t^T S_{t-1}; with b_t = 0 too the state is k_t v_t^T, and other
+    inputs before the step (initial state included) leave every later output and the final
+    state identical, bit for bit."""
+    q, k, v, log_w, a, b, S0 = dplr_inputs(2, 2, 40, 4, 3, "rwkv7", "typical", per_dim, dtype=dtype, seed=2)
+    log_w = place_resets(log_w, [reset_at], time_dim=2)
+    b = place_resets(b, [reset_at], time_dim=2, value=0.0)
+    g = torch.Generator().manual_seed(3)
+    changed = [t.clone() for t in (q, k, v, log_w, a, b)]
+    for t in changed:
+        t[:, :, :reset_at] = torch.rand(t[:, :, :reset_at].shape, generator=g, dtype=dtype) - 0.5
+    changed[3][:, :, :reset_at] = -changed[3][:, :, :reset_at].abs()
+    for mode in ("reference", "chunk"):
+        o, S = dplr_delta(q, k, v, log_w, a, b, S0, mode=mode, chunk_size=16)
+        o2, S2 = dplr_delta(*changed, 2 * S0, mode=mode, chunk_size=16)
+        assert torch.equal(o[:, :, reset_at:], o2[:, :, reset_at:]) and torch.equal(S, S2), mode
 
 
 def test_dplr_half_precision_is_computed_in_float32():

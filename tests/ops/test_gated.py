@@ -2,12 +2,16 @@
 
 Exactness checks run in float64, where modes differ only in summation order (~1e-14
 relative), so rtol 1e-8 / atol 1e-10 leave ample headroom and still catch any real
-mismatch. Decays are drawn in three regimes: typical (logsigmoid of a normal), close
-to 0 (log alpha = -30 per step, which underflows exp(cumsum) within a few steps) and
-close to 1 (log alpha ~ -1e-4), for all three alpha forms (per key dimension, per
+mismatch. Decays are drawn in four regimes: typical (logsigmoid of a normal), close
+to 0 (log alpha = -30 per step, which underflows exp(cumsum) within a few steps),
+close to 1 (log alpha ~ -1e-4) and typical with resets (a fifth of the entries -inf,
+-1e30 or -1e4: decay exactly 0), for all three alpha forms (per key dimension, per
 head, none), and for every combination of the two read options (output before the
 update, the current-token bonus u). The stabilised form (exponential input gate with a
-running maximum, mLSTM) is checked the same way, its final stabiliser included.
+running maximum, mLSTM) is checked the same way, its final stabiliser included. Resets
+are also placed at chosen steps (first, last, a chunk edge, several in one chunk,
+consecutive, all), in both precisions, and must not leak: after a reset nothing before it
+changes any output, bit for bit.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernel_paths import kernels
 from recur.ops.gated import gated_matrix, gated_matrix_stabilized
+from resets import RESET_PATTERNS, place_resets, reset_steps, with_resets
 
 RTOL, ATOL = 1e-8, 1e-10
 FORMS = ("vector", "scalar", "none")
-REGIMES = ("typical", "strong", "weak")
+REGIMES = ("typical", "strong", "weak", "reset")
 # (output_before_update, with a bonus): every combination of the read options
 OPTIONS = [(False, False), (True, False), (False, True), (True, True)]
 OPTION_IDS = ["after", "before", "after+bonus", "before+bonus"]
@@ -42,6 +48,8 @@ def make_inputs(B, H, T, K, V, form, regime, with_state, dtype=torch.float64, se
         log_alpha = F.logsigmoid(torch.randn(*shape, generator=g, dtype=dtype) + 2)
     elif regime == "strong":
         log_alpha = -30 + 0.1 * torch.rand(*shape, generator=g, dtype=dtype)
+    elif regime == "reset":
+        log_alpha = with_resets(F.logsigmoid(torch.randn(*shape, generator=g, dtype=dtype) + 2), g)
     else:
         log_alpha = -1e-4 * torch.rand(*shape, generator=g, dtype=dtype)
     S0 = torch.randn(B, H, K, V, generator=g, dtype=dtype) if with_state else None
@@ -56,8 +64,9 @@ def run(inputs, mode, chunk_size=64, before=False, bonus=None):
     """Outputs, final state and gradients (w.r.t. every input, the bonus included) of a fixed random loss."""
     leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (*inputs, bonus)]
     o, S = gated_matrix(*leaves[:-1], mode=mode, chunk_size=chunk_size, output_before_update=before, bonus=leaves[-1])
-    g = torch.Generator().manual_seed(99)
-    loss = (o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() + (S * torch.randn(S.shape, generator=g, dtype=S.dtype)).sum()
+    g = torch.Generator().manual_seed(99)  # the same weights in both precisions
+    w_o, w_S = (torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (o, S))
+    loss = (o * w_o).sum() + (S * w_S).sum()
     present = [t for t in leaves if t is not None]
     grads = torch.autograd.grad(loss, present)
     return o.detach(), S.detach(), grads
@@ -97,10 +106,11 @@ def test_fast_modes_equal_reference_forward_and_backward(before, with_bonus, B, 
 @pytest.mark.parametrize("before,with_bonus", OPTIONS, ids=OPTION_IDS)
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("T", [47, 130])
-def test_chunk_equals_reference_on_each_kernel_path(form, T, before, with_bonus, kernel_path):
+@pytest.mark.parametrize("regime", ["typical", "reset"])
+def test_chunk_equals_reference_on_each_kernel_path(form, T, regime, before, with_bonus, kernel_path):
     """Several chunks (and a partial last one): the state passed between chunks runs through the
     compiled scan on CPU and the PyTorch two-level scan elsewhere; both equal the reference."""
-    inputs = make_inputs(2, 2, T, 4, 3, form, "typical", True, seed=T)
+    inputs = make_inputs(2, 2, T, 4, 3, form, regime, True, seed=T)
     options = dict(before=before, bonus=make_bonus(2, 4) if with_bonus else None)
     assert_runs_close(run(inputs, "chunk", chunk_size=16, **options), run(inputs, "reference", **options), kernel_path)
 
@@ -282,6 +292,96 @@ def test_bad_inputs_raise_clear_errors():
     assert math.isfinite(gated_matrix(q, k, v, log_alpha, S0)[0].sum().item())
 
 
+# ------------------------------------------------------------ resets (log alpha = -inf)
+@pytest.mark.parametrize("form", ["scalar", "vector"])
+def test_minimal_reset_gives_the_reference_in_every_mode(form, kernel_path):
+    """q = k = v = 1, log alpha = [0, -inf, 0]: S = 1, then 0 * 1 + 1 = 1, then 1 + 1 = 2, so
+    o = [1, 1, 2] in every mode (the chunk forms gave [1, nan, nan]: -inf - (-inf) in the
+    cumulative sums); gradients finite and equal to the reference's."""
+    ones = torch.ones(1, 1, 3, 1, dtype=torch.float64)
+    log_alpha = torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64).view(1, 1, 3)
+    if form == "vector":
+        log_alpha = log_alpha.unsqueeze(-1)
+    inputs = (ones, ones, ones, log_alpha, None)
+    want = run(inputs, "reference")
+    torch.testing.assert_close(want[0].flatten(), torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
+    for mode, size in (("chunk", 64), ("chunk", 1), ("chunk", 2), ("parallel", 64)):
+        got = run(inputs, mode, size)
+        assert all(torch.isfinite(t).all() for t in (got[0], got[1], *got[2])), f"{mode} {size}: not finite"
+        assert_runs_close(got, want, f"{mode} (chunk_size={size})")
+
+
+def run_both(inputs, before, bonus, chunk_size):
+    """Every fast mode's run beside the reference's (the same fixed loss)."""
+    want = run(inputs, "reference", before=before, bonus=bonus)
+    return want, [(f"chunk (chunk_size={chunk_size})", run(inputs, "chunk", chunk_size, before=before, bonus=bonus)),
+                  ("parallel", run(inputs, "parallel", before=before, bonus=bonus))]
+
+
+@pytest.mark.parametrize("before,with_bonus", OPTIONS, ids=OPTION_IDS)
+@pytest.mark.parametrize("form", ["scalar", "vector"])
+@pytest.mark.parametrize("pattern", RESET_PATTERNS)
+def test_resets_at_chosen_steps_equal_reference(pattern, form, before, with_bonus, kernel_path):
+    """Resets on the first step, the last, both sides of a chunk edge, several in one chunk,
+    consecutive steps, every step and every other one, with very strong finite decays (-1e4,
+    -1e30) beside them: outputs, final state and gradients equal the reference (float64)."""
+    C, T = 16, 37
+    q, k, v, log_alpha, S0 = make_inputs(2, 2, T, 4, 3, form, "typical", True, seed=3)
+    log_alpha = place_resets(log_alpha, reset_steps(pattern, T, C), time_dim=2)
+    if pattern not in ("all", "every_other"):
+        log_alpha = place_resets(log_alpha, [C + 5], time_dim=2, value=-1e4)
+        log_alpha = place_resets(log_alpha, [2 * C + 2], time_dim=2, value=-1e30)
+    bonus = make_bonus(2, 4) if with_bonus else None
+    want, gots = run_both((q, k, v, log_alpha, S0), before, bonus, C)
+    for what, got in gots:
+        assert_runs_close(got, want, f"{pattern}, {what}")
+
+
+@pytest.mark.parametrize("before", [False, True])
+@pytest.mark.parametrize("form", ["scalar", "vector"])
+@pytest.mark.parametrize("pattern", ["chunk_edge", "consecutive", "all", "every_other"])
+def test_resets_in_float32_match_float64(pattern, form, before, kernel_path):
+    """float32 with resets: every mode finite, forward and gradients, and within float32
+    rounding of the float64 reference."""
+    C, T = 16, 37
+    inputs = make_inputs(2, 2, T, 4, 3, form, "reset", True, dtype=torch.float32, seed=4)
+    inputs = (*inputs[:3], place_resets(inputs[3], reset_steps(pattern, T, C), time_dim=2), inputs[4])
+    o64, S64, g64 = run([t.double() for t in inputs], "reference", before=before)
+    scale = max(float(g.abs().max()) for g in g64)
+    for mode in ("reference", "chunk", "parallel"):
+        o, S, grads = run(inputs, mode, C, before=before)
+        assert torch.isfinite(o).all() and torch.isfinite(S).all() and all(torch.isfinite(g).all() for g in grads)
+        torch.testing.assert_close(o.double(), o64, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(S.double(), S64, rtol=1e-4, atol=1e-5)
+        for a, b in zip(grads, g64):
+            torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("before", [False, True])
+@pytest.mark.parametrize("form", ["scalar", "vector"])
+@pytest.mark.parametrize("reset_at", [0, 15, 16, 21])
+def test_nothing_leaks_across_a_reset(reset_at, form, before, dtype, kernel_path):
+    """After a reset the state is exactly the write of that step: changing every input before it
+    (initial state included) leaves every later output and the final state identical, bit for
+    bit, in every mode."""
+    C, T = 16, 40
+    q, k, v, log_alpha, S0 = make_inputs(2, 2, T, 4, 3, form, "typical", True, dtype=dtype, seed=5)
+    log_alpha = place_resets(log_alpha, [reset_at], time_dim=2)
+    g = torch.Generator().manual_seed(6)
+    changed = [t.clone() for t in (q, k, v, log_alpha)]
+    for t in changed:  # other values before the reset (log decays kept <= 0)
+        t[:, :, :reset_at] = 10 * torch.randn(t[:, :, :reset_at].shape, generator=g, dtype=dtype)
+    changed[3][:, :, :reset_at] = -changed[3][:, :, :reset_at].abs()
+    # o_t reads the state before step t's update when ``before``: the reset step's own output still sees the past
+    first = reset_at + 1 if before else reset_at
+    for mode in ("reference", "chunk", "parallel"):
+        o, S = gated_matrix(q, k, v, log_alpha, S0, mode=mode, chunk_size=C, output_before_update=before)
+        o2, S2 = gated_matrix(*changed, 3 * S0, mode=mode, chunk_size=C, output_before_update=before)
+        assert torch.equal(o[:, :, first:], o2[:, :, first:]), mode
+        assert torch.equal(S, S2), mode
+
+
 # ------------------------------------------------------------ stabilised (exponential input gate)
 I_REGIMES = ("typical", "large", "spiky")
 
@@ -394,3 +494,49 @@ def test_stabilized_bad_inputs_raise_clear_errors():
         gated_matrix_stabilized(q, k, v, log_f, log_i.long())
     with pytest.raises(ValueError, match="mode"):
         gated_matrix_stabilized(q, k, v, log_f, log_i, mode="scan")
+
+
+def test_stabilized_minimal_reset_gives_the_reference_in_every_mode(kernel_path):
+    """q = k = v = 1, log f = [0, -inf, 0], log i = 0: m = [0, 0, 0] and o~ = [1, 1, 2] in every
+    mode (the chunked running maximum gave NaN: -inf - (-inf)); gradients equal the reference's."""
+    ones = torch.ones(1, 1, 3, 1, dtype=torch.float64)
+    log_f = torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64).view(1, 1, 3)
+    inputs = (ones, ones, ones, log_f, torch.zeros(1, 1, 3, dtype=torch.float64), None, None)
+    want = run_stabilized(inputs, "reference")
+    torch.testing.assert_close(want[0].flatten(), torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
+    for mode, size in (("chunk", 64), ("chunk", 1), ("chunk", 2), ("parallel", 64)):
+        got = run_stabilized(inputs, mode, size)
+        assert all(torch.isfinite(t).all() for t in (*got[:3], *got[3])), f"{mode} {size}: not finite"
+        for a, b in zip((*got[:3], *got[3]), (*want[:3], *want[3])):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("i_regime", I_REGIMES)
+@pytest.mark.parametrize("pattern", RESET_PATTERNS)
+def test_stabilized_resets_at_chosen_steps_equal_reference(pattern, i_regime, kernel_path):
+    """Resets of the forget gate (log f = -inf, -1e4, -1e30) at chosen steps: outputs, final
+    state, stabilisers and gradients equal the reference, in both modes, and nothing before the
+    last reset changes anything after it, bit for bit."""
+    C, T = 8, 29
+    q, k, v, log_f, log_i, S0, m0 = make_stabilized_inputs(2, 2, T, 4, 3, "typical", i_regime, True, seed=9)
+    steps = reset_steps(pattern, T, C)
+    log_f = place_resets(log_f, steps, time_dim=2)
+    if pattern not in ("all", "every_other"):
+        log_f = place_resets(place_resets(log_f, [C + 5], time_dim=2, value=-1e4), [2 * C + 2], time_dim=2, value=-1e30)
+    inputs = (q, k, v, log_f, log_i, S0, m0)
+    want = run_stabilized(inputs, "reference")
+    for mode in ("chunk", "parallel"):
+        got = run_stabilized(inputs, mode, C)
+        for a, b in zip((*got[:3], *got[3]), (*want[:3], *want[3])):
+            torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{mode}: {m}")
+    last = max(steps)
+    changed = [t.clone() for t in (q, k, v, log_f, log_i)]
+    g = torch.Generator().manual_seed(10)
+    for t in changed:
+        t[:, :, :last] = 5 * torch.randn(t[:, :, :last].shape, generator=g, dtype=t.dtype)
+    changed[3][:, :, :last] = -changed[3][:, :, :last].abs()
+    for mode in ("reference", "chunk", "parallel"):
+        o, S, m = gated_matrix_stabilized(*inputs, mode=mode, chunk_size=C)
+        o2, S2, m2 = gated_matrix_stabilized(*changed, 2 * S0, m0 + 1, mode=mode, chunk_size=C)
+        assert torch.equal(o[:, :, last:], o2[:, :, last:]) and torch.equal(m[:, :, last:], m2[:, :, last:]), mode
+        assert torch.equal(S, S2), mode

@@ -15,13 +15,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recur.ops.scan import diagonal_scan, log_space_scan
+from recur.ops.scan import diagonal_scan, log_space_scan, reset_cumsum
+from resets import RESET_PATTERNS, place_resets, reset_steps, with_resets
 
 RTOL, ATOL = 1e-8, 1e-10
 
 # Real part of log a per step: typical, decay ~0 (a ~ e^-30, products underflow within a
-# chunk), decay ~1 (a ~ 1 - 1e-4, the state integrates over the whole sequence).
-DECAYS = {"typical": (-1.0, 0.0), "near0": (-31.0, -29.0), "near1": (-2e-4, 0.0)}
+# chunk), decay ~1 (a ~ 1 - 1e-4, the state integrates over the whole sequence), and typical
+# with a fifth of the entries resets (-inf, -1e30, -1e4: a = 0 exactly).
+DECAYS = {"typical": (-1.0, 0.0), "near0": (-31.0, -29.0), "near1": (-2e-4, 0.0), "reset": (-1.0, 0.0)}
 # Shapes of log_a relative to b: [batch, time, *dims]
 FORMS = ("full", "constant", "shared", "per_step", "per_row", "per_key")
 
@@ -45,6 +47,8 @@ def make_inputs(B, T, dims, form="full", decay="typical", complex_a=False, compl
     lo, hi = DECAYS[decay]
     shape = log_a_shape(form, B, T, dims)
     log_a = lo + (hi - lo) * torch.rand(shape, generator=g, dtype=dtype)
+    if decay == "reset":
+        log_a = with_resets(log_a, g)
     if complex_a:
         log_a = torch.complex(log_a, math.pi * (2 * torch.rand(shape, generator=g, dtype=dtype) - 1))
     cdtype = torch.complex128 if dtype == torch.float64 else torch.complex64
@@ -242,7 +246,7 @@ def test_log_space_equals_reference_forward_and_gradients(B, T, dims, form, deca
     # about |a*| * eps (the op's docstring): the absolute tolerance scales with max |a*|
     # (a factor 1 for typical decays, ~1e3 for log a = -30 over 40 steps, still ~1e-7).
     log_a = args[0]
-    cum = log_a.expand(B, T, *dims).cumsum(1).abs().max().item() if T else 0.0
+    cum = reset_cumsum(log_a.expand(B, T, *dims), 1)[0].abs().max().item() if T else 0.0  # resets restart it
     assert_same(run(log_space_scan, args), run(linear_reference, args), atol=ATOL * max(1.0, cum))
 
 
@@ -297,3 +301,116 @@ def test_log_space_bad_arguments_raise_clear_errors():
         log_space_scan(log_a, log_b, log_h0[:1])
     with pytest.raises(TypeError, match="real floating"):
         log_space_scan(log_a.to(torch.complex128), log_b)
+
+
+# ------------------------------------------------------------------------ resets (log a = -inf)
+
+
+@pytest.mark.parametrize("complex_a", [False, True])
+def test_minimal_reset_gives_the_reference(complex_a, kernel_path):
+    """log a = [0, -inf, 0], b = 1: h = [1, 1, 2] in both modes, gradients equal (and finite)."""
+    log_a = torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64).view(1, 3, 1)
+    if complex_a:
+        log_a = torch.complex(log_a, torch.full_like(log_a, 0.5))
+    args = (log_a, torch.ones(1, 3, 1, dtype=torch.float64), None)
+    ref = run(diagonal_scan, args, mode="reference")
+    if not complex_a:
+        torch.testing.assert_close(ref[0].flatten(), torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
+    for C in (1, 2, 64):
+        got = run(diagonal_scan, args, mode="chunk", chunk_size=C)
+        assert all(torch.isfinite(t).all() for t in (got[0], *got[2]))
+        assert_same(got, ref)
+
+
+@pytest.mark.parametrize("form", ["full", "per_step", "per_key"])
+@pytest.mark.parametrize("pattern", RESET_PATTERNS)
+def test_resets_at_chosen_steps_equal_reference(pattern, form, kernel_path):
+    log_a, b, h0 = make_inputs(2, 37, [3, 2], form, seed=5)
+    log_a = place_resets(log_a, reset_steps(pattern, 37, 16), time_dim=1)
+    assert_chunk_equals_reference((log_a, b, h0), chunk_size=16)
+
+
+def test_log_space_minimal_reset_gives_the_reference():
+    """log a = [0, -inf, 0], log b = 0: h = [1, 1, 2] (Heinsen's form gave NaN: -inf - (-inf))."""
+    log_a = torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64).view(1, 3, 1)
+    for log_h0 in (None, torch.zeros(1, 1, dtype=torch.float64)):
+        args = (log_a, torch.zeros(1, 3, 1, dtype=torch.float64), log_h0)
+        got, want = run(log_space_scan, args), run(linear_reference, args)
+        first = 1.0 if log_h0 is None else 2.0  # h0 = 1 reaches the first step only
+        torch.testing.assert_close(got[0].flatten(), torch.tensor([first, 1.0, 2.0], dtype=torch.float64))
+        assert all(torch.isfinite(t).all() for t in (got[0], *got[2]))
+        assert_same(got, want)
+
+
+@pytest.mark.parametrize("h0", ["random", "zero", "none"])
+@pytest.mark.parametrize("pattern", RESET_PATTERNS)
+def test_log_space_resets_at_chosen_steps_equal_reference(pattern, h0):
+    log_a, log_b, log_h0 = log_inputs(2, 37, [3], decay="typical", h0=h0, seed=6)
+    log_a = place_resets(log_a, reset_steps(pattern, 37, 16), time_dim=1)
+    if pattern not in ("all", "every_other"):
+        log_a = place_resets(place_resets(log_a, [21], time_dim=1, value=-1e4), [34], time_dim=1, value=-1e30)
+    assert_same(run(log_space_scan, (log_a, log_b, log_h0)), run(linear_reference, (log_a, log_b, log_h0)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("reset_at", [0, 15, 16, 21])
+def test_nothing_leaks_across_a_reset(reset_at, dtype, kernel_path):
+    """After a reset the state is exactly the write of that step: other inputs before it leave
+    every later state identical, bit for bit (diagonal scan in both modes, and log-space scan)."""
+    log_a, b, h0 = make_inputs(2, 40, [3], dtype=dtype, seed=7)
+    log_a = place_resets(log_a, [reset_at], time_dim=1)
+    g = torch.Generator().manual_seed(8)
+    la2, b2 = log_a.clone(), b.clone()
+    la2[:, :reset_at] = -torch.rand(la2[:, :reset_at].shape, generator=g, dtype=dtype)
+    b2[:, :reset_at] = torch.randn(b2[:, :reset_at].shape, generator=g, dtype=dtype)
+    for mode in ("reference", "chunk"):
+        h, _ = diagonal_scan(log_a, b, h0, mode=mode, chunk_size=16)
+        h2, _ = diagonal_scan(la2, b2, 3 * h0, mode=mode, chunk_size=16)
+        assert torch.equal(h[:, reset_at:], h2[:, reset_at:]), mode
+    h, _ = log_space_scan(log_a, b, h0.abs().log())
+    h2, _ = log_space_scan(la2, b2, h0.abs().log() + 1)
+    assert torch.equal(h[:, reset_at:], h2[:, reset_at:]), "log_space_scan"
+
+
+@pytest.mark.parametrize("dim", [1, -1])
+def test_reset_cumsum_and_segment_scans_equal_their_loops(dim, kernel_path):
+    """``reset_cumsum``'s sums restart after each reset (the reset adding 0) and count the resets;
+    the segmented running max and log-sum-exp restart the same way; gradients by gradcheck
+    (the compiled segmented sum on CPU, the PyTorch doubling scan elsewhere)."""
+    from recur.ops.scan import log_zero, segment_cummax, segment_logcumsumexp
+
+    g = torch.Generator().manual_seed(9)
+    log_a = with_resets(-torch.rand(3, 21, 4, generator=g, dtype=torch.float64), g, p=0.3)
+    log_a[0, 0], log_a[1, -1], log_a[2] = -math.inf, -1e30, -math.inf  # first, last, every step
+    x = torch.randn(3, 21, 4, generator=g, dtype=torch.float64)
+    if dim == -1:
+        log_a, x = log_a.transpose(1, 2).contiguous(), x.transpose(1, 2).contiguous()
+    c, n = reset_cumsum(log_a, dim)
+    assert n.dtype == torch.int32
+    la, xs, cs, ns = (t.movedim(dim, 1) for t in (log_a, x, c, n))
+    run_c, run_n = torch.zeros_like(la[:, 0]), torch.zeros_like(ns[:, 0])
+    run_max, run_lse = torch.full_like(xs[:, 0], -math.inf), torch.full_like(xs[:, 0], -math.inf)
+    mx, lse = segment_cummax(x, n, dim).movedim(dim, 1), segment_logcumsumexp(x, n, dim).movedim(dim, 1)
+    for t in range(la.shape[1]):
+        reset = la[:, t] < log_zero(torch.float64)
+        run_n = run_n + reset
+        run_c = torch.where(reset, 0.0, run_c + la[:, t])
+        run_max = torch.where(reset, xs[:, t], torch.maximum(run_max, xs[:, t]))
+        run_lse = torch.where(reset, xs[:, t], torch.logaddexp(run_lse, xs[:, t]))
+        torch.testing.assert_close(cs[:, t], run_c, rtol=1e-14, atol=1e-14)
+        assert torch.equal(ns[:, t], run_n.to(torch.int32))
+        assert torch.equal(mx[:, t], run_max)
+        torch.testing.assert_close(lse[:, t], run_lse, rtol=1e-14, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda t: reset_cumsum(t, dim)[0], (log_a.clone().requires_grad_(),))
+    assert reset_cumsum(log_a.clamp(min=-1.0), dim)[1] is None  # no reset: the plain cumulative sum
+
+
+def test_resets_trace_without_a_graph_break():
+    """While torch.compile traces, ``reset_cumsum`` takes its reset-aware form unconditionally (no
+    data-dependent branch): a whole log-space scan with resets compiles as one graph and
+    equals the eager run."""
+    log_a, log_b, log_h0 = log_inputs(2, 37, [3], h0="random", seed=10)
+    log_a = place_resets(log_a, [0, 15, 16, 30], time_dim=1)
+    fn = lambda a, b, h: log_space_scan(a, b, h)[0]  # noqa: E731
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True)(log_a, log_b, log_h0)
+    torch.testing.assert_close(got, fn(log_a, log_b, log_h0), rtol=RTOL, atol=ATOL)

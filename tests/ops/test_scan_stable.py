@@ -15,17 +15,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernel_paths import kernels
 from recur.ops.scan import stabilized_scan
+from resets import RESET_PATTERNS, place_resets, reset_steps, with_resets
 
 RTOL, ATOL = 1e-8, 1e-10
 
 
-def make_inputs(B, T, mdims, extra, *, constant=False, scale=3.0, init=True, dtype=torch.float64, seed=0):
-    """log_a [*mdims] or [B, T, *mdims] (<= 0), log_w [B, T, *mdims] of spread ``scale``,
-    v [B, T, *mdims[:-1], extra] sharing the last stabiliser dimension (size 1) when extra > 1."""
+def make_inputs(B, T, mdims, extra, *, constant=False, scale=3.0, init=True, resets=False, dtype=torch.float64, seed=0):
+    """log_a [*mdims] or [B, T, *mdims] (<= 0; with ``resets`` a fifth of it -inf, -1e30 or -1e4),
+    log_w [B, T, *mdims] of spread ``scale``, v [B, T, *mdims[:-1], extra] sharing the last
+    stabiliser dimension (size 1) when extra > 1."""
     g = torch.Generator().manual_seed(seed)
     a_shape = tuple(mdims) if constant else (B, T, *mdims)
     log_a = -2.0 * torch.rand(a_shape, generator=g, dtype=dtype)
+    if resets:
+        log_a = with_resets(log_a, g)
     log_w = scale * torch.randn(B, T, *mdims, generator=g, dtype=dtype)
     vdims = (*mdims[:-1], extra)
     v = torch.randn(B, T, *vdims, generator=g, dtype=dtype)
@@ -92,11 +97,12 @@ def test_from_the_zero_state_m_is_the_largest_term_exponent():
 @given(
     B=st.integers(1, 3), T=st.integers(1, 40), mdims=st.lists(st.integers(1, 3), min_size=1, max_size=2),
     extra=st.integers(1, 3), chunk_size=st.sampled_from([1, 3, 4, 8, 16, 64]), constant=st.booleans(),
-    scale=st.sampled_from([0.5, 3.0, 60.0]), init=st.booleans(), seed=st.integers(0, 2**16),
+    scale=st.sampled_from([0.5, 3.0, 60.0]), init=st.booleans(), resets=st.booleans(), seed=st.integers(0, 2**16),
 )
-def test_chunk_equals_reference_forward_and_gradients(B, T, mdims, extra, chunk_size, constant, scale, init, seed):
+def test_chunk_equals_reference_forward_and_gradients(B, T, mdims, extra, chunk_size, constant, scale, init, resets, seed):
     mdims = (*mdims, 1) if extra > 1 else tuple(mdims)  # extra > 1: v's last dim shares one stabiliser
-    args = make_inputs(B, T, mdims, extra if extra > 1 else mdims[-1], constant=constant, scale=scale, init=init, seed=seed)
+    args = make_inputs(B, T, mdims, extra if extra > 1 else mdims[-1], constant=constant, scale=scale, init=init,
+                       resets=resets, seed=seed)
     assert_same(run(args, mode="chunk", chunk_size=chunk_size), run(args, mode="reference"))
 
 
@@ -153,3 +159,45 @@ def test_bad_shapes_raise_clear_errors():
         stabilized_scan(log_a, log_w, v.to(torch.complex128))
     with pytest.raises(ValueError, match="mode"):
         stabilized_scan(log_a, log_w, v, mode="parallel")
+
+
+# ------------------------------------------------------------------------ resets (log a = -inf)
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+def test_minimal_reset_gives_the_reference(path):
+    """log a = [0, -inf, 0], log w = 0, v = 1 from the zero state: m = [0, 0, 0] and h~ = [1, 1, 2]
+    in both modes (the chunked running maximum gave NaN: -inf - (-inf)); gradients equal."""
+    log_a = torch.tensor([0.0, -math.inf, 0.0], dtype=torch.float64).view(1, 3, 1)
+    args = (log_a, torch.zeros(1, 3, 1, dtype=torch.float64), torch.ones(1, 3, 1, dtype=torch.float64), None, None)
+    with kernels(path == "compiled"):
+        want = run(args, mode="reference")
+        torch.testing.assert_close((want[0] * want[1].exp()).flatten(), torch.tensor([1.0, 1.0, 2.0], dtype=torch.float64))
+        for C in (1, 2, 64):
+            assert_same(run(args, mode="chunk", chunk_size=C), want)
+
+
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("pattern", RESET_PATTERNS)
+def test_resets_at_chosen_steps_equal_reference(pattern, init, path):
+    """Resets (and very strong finite decays beside them) at chosen steps: the chunked mode equals
+    the reference, and nothing before the last reset changes anything after it, bit for bit."""
+    T, C = 29, 8
+    log_a, log_w, v, h0, m0 = make_inputs(2, T, (3, 1), 2, init=init, seed=11)
+    steps = reset_steps(pattern, T, C)
+    log_a = place_resets(log_a, steps, time_dim=1)
+    if pattern not in ("all", "every_other"):
+        log_a = place_resets(place_resets(log_a, [C + 5], time_dim=1, value=-1e4), [2 * C + 2], time_dim=1, value=-1e30)
+    args = (log_a, log_w, v, h0, m0)
+    with kernels(path == "compiled"):
+        assert_same(run(args, mode="chunk", chunk_size=C), run(args, mode="reference"))
+        last = max(steps)
+        g = torch.Generator().manual_seed(12)
+        changed = [t.clone() for t in (log_a, log_w, v)]
+        for t in changed:
+            t[:, :last] = torch.randn(t[:, :last].shape, generator=g, dtype=t.dtype)
+        changed[0][:, :last] = -changed[0][:, :last].abs()
+        for mode in ("reference", "chunk"):
+            h, m = stabilized_scan(*args, mode=mode, chunk_size=C)
+            h2, m2 = stabilized_scan(*changed, None if h0 is None else 2 * h0, None if m0 is None else m0 - 1,
+                                     mode=mode, chunk_size=C)
+            assert torch.equal(h[:, last:], h2[:, last:]) and torch.equal(m[:, last:], m2[:, last:]), mode
