@@ -443,6 +443,41 @@ def stream_case(machine: Machine, quick: bool) -> list[Result]:
     return rows
 
 
+def packed_resets(B: int, T: int, mean_length: int, seed: int) -> torch.Tensor:
+    """Document starts of a packed batch: documents of geometric length (mean ``mean_length``)."""
+    return torch.rand(B, T, generator=_g(seed)) < 1.0 / mean_length
+
+
+@case("packing")
+def packing_case(machine: Machine, quick: bool) -> list[Result]:
+    """Packed documents (``resets``) against the same batch unpacked, fwd and fwd+bwd, per layer.
+
+    The packed forms (a decay of zero at a reset, attention's block-diagonal mask) should cost
+    little over the plain chunk form (target: <= 1.5x, i.e. speedup >= 0.67); the generic
+    segmented form (one call per distinct boundary position) is reported beside it for gla."""
+    import recur
+
+    B, T, d_model, mean = (4, 1024, 64, 128) if quick else (8, 4096, 256, 512)
+    resets = packed_resets(B, T, mean, seed=41)
+    x = _randn(B, T, d_model, seed=42)
+    shape = f"B={B} T={T} d={d_model} docs~{mean}"
+    rows = []
+    for name in ("gla", "mamba2", "gated_deltanet", "attention"):
+        torch.manual_seed(0)
+        m = recur.build(name, d_model=d_model)
+        packed = lambda xx, m=m: m(xx, resets=resets)[0]  # noqa: E731
+        plain = lambda xx, m=m: m(xx)[0]  # noqa: E731
+        tgt = {p: ("packed <= 1.5x unpacked", lambda r: r.speedup >= 1 / 1.5) for p in ("fwd", "fwd+bwd")}
+        rows += _pair(f"packed_{name}", shape, packed, plain, "the same batch unpacked", [x], targets=tgt,
+                      repeats=3, extra={"documents": int(resets.sum()) + B})
+    torch.manual_seed(0)
+    m = recur.build("gla", d_model=d_model)
+    generic = lambda xx: m._forward_packed(xx, m.init_state(B), resets)[0]  # noqa: E731
+    rows += _pair("packed_gla_generic", shape, generic, lambda xx: m(xx)[0], "the same batch unpacked", [x],
+                  repeats=3, passes=("fwd",), extra={"segments": len(recur.layers.packing.boundaries(resets)) + 1})
+    return rows
+
+
 @case("scaling")
 def scaling_case(machine: Machine, quick: bool) -> list[Result]:
     """Target 8: forward time of gla, mamba and deltanet over T = 1k..64k has log-log slope <= 1.1."""

@@ -4,6 +4,11 @@
 token); ``swa`` attends to the last ``window`` tokens only (its cache stops growing at
 ``window - 1`` tokens). Both rotate queries and keys by their absolute positions (RoPE),
 so the cache holds rotated keys and a position counter continues the rotation across calls.
+
+Packed documents (``resets``): a query sees only the keys of its own document, a block-diagonal
+causal mask; the state's ``start`` (the absolute position where the current document began)
+keeps the cache's earlier documents hidden in later calls. Rotary scores depend on relative
+positions only, so a document gives the same outputs wherever it sits in the row.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import math
 import torch
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import merge_heads, positions_from, rotary, split_heads, window_property
 from recur.ops.attention import attention, attention_step, trim_cache
@@ -30,7 +36,8 @@ class Attention(Mixer):
 
     Options: ``n_heads`` / ``head_dim`` (default from ``head_split``: at least two heads
     of at most 64 channels), ``rotary_base`` (10000).
-    State: ``pos`` int64 [batch] (tokens seen), ``k``, ``v`` [batch, heads, cached_time, head_dim].
+    State: ``pos`` int64 [batch] (tokens seen), ``start`` int64 [batch] (where the current document
+    began: keys before it are hidden), ``k``, ``v`` [batch, heads, cached_time, head_dim].
     Modes: ``parallel`` (all new tokens in one masked attention) and ``recurrent`` (token by
     token through the cache: the reference).
     """
@@ -38,6 +45,7 @@ class Attention(Mixer):
     modes = ("parallel", "recurrent")
     state_formula = "2 * n_heads * head_dim * T"
     growing = (("k", 2), ("v", 2))
+    native_packing = True
 
     def __init__(self, d_model: int, mode: str | None = None, n_heads: int | None = None, head_dim: int | None = None,
                  rotary_base: float = 10000.0):
@@ -60,7 +68,8 @@ class Attention(Mixer):
 
     def init_state(self, batch_size, device=None, dtype=None) -> State:
         empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
-        return State(pos=torch.zeros(batch_size, device=device, dtype=torch.int64), k=empty, v=empty.clone())
+        counter = torch.zeros(batch_size, device=device, dtype=torch.int64)
+        return State(pos=counter, start=counter.clone(), k=empty, v=empty.clone())
 
     def state_size(self, seq_len: int) -> int:
         return 2 * self.n_heads * self.head_dim * self.cache_length(seq_len)
@@ -70,29 +79,43 @@ class Attention(Mixer):
         shown = "" if window is None else f", window={window}"
         return f"{super().extra_repr()}, n_heads={self.n_heads}, head_dim={self.head_dim}{shown}"
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         T, window, H = x.shape[1], self.attention_window(), self.n_heads
-        positions = positions_from(state["pos"], T)  # [batch, time]
-        q = rotary(split_heads(self.q_proj(x), H), positions, self.rotary_base)
-        k = rotary(split_heads(self.k_proj(x), H), positions, self.rotary_base)
+        pos, start = state["pos"], state["start"]
+        positions = positions_from(pos, T)  # [batch, time], absolute
+        # each query's document start (absolute); a mask is needed only where it hides a cached key
+        doc = start[:, None].expand_as(positions) if resets is None else packing.document_start(resets, positions, start)
+        # rotary positions count from the document's start (only their differences reach the
+        # scores; counting from the start makes a packed document's keys those it has alone)
+        q = rotary(split_heads(self.q_proj(x), H), positions - doc, self.rotary_base)
+        k = rotary(split_heads(self.k_proj(x), H), positions - doc, self.rotary_base)
         v = split_heads(self.v_proj(x), H)  # q, k, v: [batch, heads, time, head_dim]
         scale = 1.0 / math.sqrt(self.head_dim)
+        n = state["k"].shape[2]
+        masked = resets is not None or bool((start > pos - n).any())
         if self.mode == "parallel":
             k_all = torch.cat([state["k"], k], dim=2)
             v_all = torch.cat([state["v"], v], dim=2)
-            o = attention(q, k_all, v_all, window=window, scale=scale, mode="parallel")
+            first = (doc - (pos - n)[:, None]).clamp(min=0) if masked else None  # key index j is position pos - n + j
+            o = attention(q, k_all, v_all, window=window, scale=scale, mode="parallel", first=first)
             k_cache, v_cache = trim_cache(k_all, window), trim_cache(v_all, window)
         else:
             k_cache, v_cache, outs = state["k"], state["v"], []
             for t in range(T):
-                # The cache plus this token: at most `window` entries, all visible to q_t.
+                # The cache plus this token: at most `window` entries, all visible to q_t (but
+                # for the keys of earlier documents).
                 k_all = torch.cat([k_cache, k[:, :, t : t + 1]], dim=2)
                 v_all = torch.cat([v_cache, v[:, :, t : t + 1]], dim=2)
-                outs.append(attention_step(q[:, :, t], k_all, v_all, window=window, scale=scale))
+                first = (doc[:, t] - (pos + t + 1 - k_all.shape[2])).clamp(min=0) if masked else None
+                outs.append(attention_step(q[:, :, t], k_all, v_all, window=window, scale=scale, first=first))
                 k_cache, v_cache = trim_cache(k_all, window), trim_cache(v_all, window)
             o = torch.stack(outs, dim=2)
         y = self.o_proj(merge_heads(o))
-        return y, State(pos=state["pos"] + T, k=k_cache, v=v_cache)
+        return y, State(pos=pos + T, start=doc[:, -1], k=k_cache, v=v_cache)
+
+    def reset_rows(self, state, rows, initial=None):
+        """The rows where ``rows`` is True start a document at their next token."""
+        return state.replace(start=torch.where(rows, state["pos"], state["start"]))
 
 
 @register("swa", family="attention", paper="Beltagy et al., Longformer (2020); Jiang et al., Mistral 7B (2023); Ren et al., Samba (2024)")

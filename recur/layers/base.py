@@ -1,6 +1,7 @@
 """The mixer contract (docs/design.md section 2), enforced in one place.
 
     y, state = mixer(x, state=None)     # x: [batch, time, d_model]
+    y, state = mixer(x, state, resets=m) # packed documents: m bool [batch, time], True where one starts
     state = mixer.init_state(batch_size, device=..., dtype=...)
     n = mixer.state_size(seq_len)       # floats of memory per sequence after seq_len tokens
     mixer.modes                         # supported modes, the default (fastest) first
@@ -8,7 +9,9 @@
     mixer.causal
 
 Subclasses implement ``_forward(x, state) -> (y, state)`` and ``init_state``; the base
-class validates inputs and states so every mixer fails the same clear way.
+class validates inputs and states so every mixer fails the same clear way, and gives every
+mixer packed sequences (``recur.layers.packing``); a mixer with a cheaper exact packed form
+sets ``native_packing`` and takes ``resets`` in ``_forward``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.common import head_split
 from recur.state import State
 
@@ -40,6 +44,9 @@ class Mixer(nn.Module, ABC):
     # nonlinear layer (SCRN's context scan, Titans-MAC's attention): recur.analysis.implicit_attention
     # then refuses the mixer instead of returning the map of that part.
     linear_recurrence: bool = True
+    # True where ``_forward(x, state, resets=None)`` takes packed documents itself (a decay of zero
+    # at a reset, a block-diagonal mask); otherwise the base class's generic segmented form runs.
+    native_packing: bool = False
 
     def __init__(self, d_model: int, mode: str | None = None):
         super().__init__()
@@ -78,13 +85,34 @@ class Mixer(nn.Module, ABC):
         return self.n_heads, self.head_dim
 
     # --------------------------------------------------------------- contract
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State | None = None,
+                resets: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """``resets`` (optional) bool [batch, time]: True where a new document starts, so the state
+        is reset to ``init_state`` before that token (packed sequences; see ``recur.layers.packing``)."""
         self.check_input(x)
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
         else:
             self.check_state(state, x)
-        return self._forward(x, state)
+        if resets is None:
+            return self._forward(x, state)
+        resets = packing.check_resets(resets, x, self.name)
+        if not bool(resets.any()):
+            return self._forward(x, state)
+        if self.native_packing:
+            return self._forward(x, state, resets=resets)
+        return self._forward_packed(x, state, resets)
+
+    def _forward_packed(self, x: torch.Tensor, state: State, resets: torch.Tensor) -> tuple[torch.Tensor, State]:
+        """The packed forward (at least one reset): by default the generic segmented form, exact
+        for every mixer that obeys the state-carry contract. Override with a cheaper exact form."""
+        initial = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
+        return packing.run_segments(self._forward, lambda s, rows: self.reset_rows(s, rows, initial), x, state, resets)
+
+    def reset_rows(self, state: State, rows: torch.Tensor, initial: State) -> State:
+        """``state`` with the rows where ``rows`` [batch] is True back at ``initial`` (``init_state``
+        for this batch): the generic packed form's reset. A state with a growing cache overrides it."""
+        return packing.reset_rows(state, initial, rows)
 
     @abstractmethod
     def _forward(self, x: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
@@ -108,12 +136,18 @@ class Mixer(nn.Module, ABC):
             raise TypeError(f"{self.name}: x must be a torch.Tensor of shape {expected}, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{self.name}: x must be a floating-point tensor of shape {expected}, got dtype {x.dtype}")
-        if x.dtype == torch.bfloat16 and not self.supports_bfloat16:
-            raise TypeError(f"{self.name} does not support bfloat16; use float32 or float64")
+        if x.dtype in (torch.bfloat16, torch.float16) and not self.supports_bfloat16:
+            raise TypeError(f"{self.name} does not support 16-bit floats ({x.dtype}); use float32 or float64")
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"{self.name}: x must have shape {expected}, got {tuple(x.shape)}")
         if x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"{self.name}: x must have batch >= 1 and time >= 1, got shape {tuple(x.shape)}")
+        weight = next((p for p in self.parameters() if p.is_floating_point()), None)
+        if weight is not None and weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            supported = "float32, float64" + (", bfloat16, float16" if self.supports_bfloat16 else "")
+            raise TypeError(f"{self.name}: x has dtype {x.dtype} but the mixer's parameters are {weight.dtype}: convert "
+                            f"one to the other (mixer.to({x.dtype}) or x.to({weight.dtype})); dtypes supported: "
+                            f"{supported}")
 
     def check_state(self, state, x: torch.Tensor) -> None:
         """The state must have the keys, shapes, dtypes and device ``init_state`` gives for this batch."""

@@ -156,5 +156,14 @@ class Bidirectional(Mixer):
         y = self.out_proj(torch.cat([y_f, y_b.flip(1)], dim=-1))
         return y, State(forward=s_f, backward=s_b)
 
+    def _forward_packed(self, x, state, resets):
+        """Packed documents: the forward direction resets where a document starts; the backward
+        one, reading x reversed, where a document ends (the token before the next start)."""
+        ends = torch.cat([resets[:, 1:], torch.zeros_like(resets[:, :1])], dim=1)
+        y_f, s_f = self.forward_mixer(x, state["forward"], resets=resets)
+        y_b, s_b = self.backward_mixer(x.flip(1), state["backward"], resets=ends.flip(1))
+        y = self.out_proj(torch.cat([y_f, y_b.flip(1)], dim=-1))
+        return y, State(forward=s_f, backward=s_b)
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mixer={self.mixer!r}"

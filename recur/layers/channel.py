@@ -6,7 +6,8 @@
 A channel mixer mixes features within a position. Most have no memory (SwiGLU, GELU MLP);
 RWKV's channel mix reads the previous token too (token shift), so it carries that one vector
 as its state and obeys the same carry contract as a mixer: carrying the state across calls
-equals one call on the concatenated input.
+equals one call on the concatenated input; ``resets`` (packed documents) zero the previous
+token at a document's first position.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ class ChannelMixer(nn.Module):
     def state_size(self) -> int:
         return self.init_state(1, device="meta", dtype=torch.float32).num_floats()
 
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State | None = None,
+                resets: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """``resets`` (packed documents) only matter to a channel mixer with a state."""
         return self.mix(x), State()
 
     def mix(self, x: torch.Tensor) -> torch.Tensor:  # stateless channel mixers implement this
@@ -119,10 +122,10 @@ class RWKVChannelMix(ChannelMixer):
     def init_state(self, batch_size, device=None, dtype=None) -> State:
         return State(shift=torch.zeros(batch_size, self.d_model, device=device, dtype=dtype))
 
-    def forward(self, x, state=None):
+    def forward(self, x, state=None, resets=None):
         if state is None:
             state = self.init_state(x.shape[0], device=x.device, dtype=x.dtype)
-        x_prev, last = token_shift(x, state["shift"])
+        x_prev, last = token_shift(x, state["shift"], resets)
         k = self.key(x * self.mix_k + x_prev * (1 - self.mix_k))
         r = self.receptance(x * self.mix_r + x_prev * (1 - self.mix_r))
         return torch.sigmoid(r) * self.value(torch.relu(k) ** 2), State(shift=last)

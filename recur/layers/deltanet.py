@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import ShortConv, head_split, merge_heads, positive_int, split_heads
 from recur.ops.delta import delta_rule
@@ -34,6 +35,7 @@ class _DeltaRuleMixer(Mixer):
     """Shared body of DeltaNet and Gated DeltaNet (see the module docstring)."""
 
     modes = ("chunk", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "n_heads * head_k_dim * head_v_dim + 3 * n_heads * (2 * head_k_dim + head_v_dim)"
 
     def __init__(
@@ -80,16 +82,16 @@ class _DeltaRuleMixer(Mixer):
     def output_gate(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return o
 
-    def _forward(self, x, state):
-        q, conv_q = self.q_conv(self.q_proj(x), state["conv_q"])
-        k, conv_k = self.k_conv(self.k_proj(x), state["conv_k"])
-        v, conv_v = self.v_conv(self.v_proj(x), state["conv_v"])
+    def _forward(self, x, state, resets=None):
+        q, conv_q = self.q_conv(self.q_proj(x), state["conv_q"], resets)
+        k, conv_k = self.k_conv(self.k_proj(x), state["conv_k"], resets)
+        v, conv_v = self.v_conv(self.v_proj(x), state["conv_v"], resets)
         q, k, v = (split_heads(t, self.n_heads) for t in (q, k, v))
         q = F.normalize(q, dim=-1) * self.head_k_dim**-0.5
         k = F.normalize(k, dim=-1)
         beta = rearrange(torch.sigmoid(self.b_proj(x)), "b t h -> b h t")
         o, S = delta_rule(
-            q, k, v, beta, self.log_alpha(x), state["S"],
+            q, k, v, beta, packing.hard_reset(self.log_alpha(x), resets, time_dim=2, like=q), state["S"],
             mode=self.op_mode,
             chunk_size=self.chunk_size,
         )

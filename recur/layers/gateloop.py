@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import merge_heads, split_heads
 from recur.ops.scan import diagonal_scan
@@ -65,6 +66,7 @@ class GateLoop(Mixer):
     """
 
     modes = ("chunk", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "2 * n_heads * head_dim * head_dim"
 
     def __init__(
@@ -101,10 +103,14 @@ class GateLoop(Mixer):
         log_a = torch.complex(F.logsigmoid(magnitude), phase)  # log|a| < 0, arg a
         return dict(q=q, k=k, v=v, log_a=log_a, g=self.g_proj(x).to(work))
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         p = self.projections(x)
         kv = p["k"].unsqueeze(-1) * p["v"].unsqueeze(-2)  # k_t v_t^T: [batch, time, heads, d_k, d_v]
-        h, h_last = diagonal_scan(p["log_a"].unsqueeze(-1), kv, state["h"], mode=self.op_mode, chunk_size=self.chunk_size)
+        log_a = p["log_a"]
+        if resets is not None:  # complex log decay: a real part of -inf is a decay of zero
+            log_a = torch.complex(packing.hard_reset(log_a.real, resets, time_dim=1), log_a.imag) if log_a.is_complex() \
+                else packing.hard_reset(log_a, resets, time_dim=1)
+        h, h_last = diagonal_scan(log_a.unsqueeze(-1), kv, state["h"], mode=self.op_mode, chunk_size=self.chunk_size)
         y = torch.einsum("bthk,bthkv->bthv", p["q"], h.real)  # Re(q^T h), q real
         y = F.silu(p["g"]) * merge_heads(y, "b t h d")
         return self.o_proj(y.to(x.dtype)), State(h=h_last)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import merge_heads, split_heads
 from recur.ops.gated import gated_matrix
@@ -33,6 +34,7 @@ class GLA(Mixer):
     """
 
     modes = ("chunk", "parallel", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "n_heads * key_dim * value_dim"
 
     def __init__(
@@ -73,12 +75,13 @@ class GLA(Mixer):
     def init_state(self, batch_size, device=None, dtype=None) -> State:
         return State(S=torch.zeros(batch_size, self.n_heads, self.key_dim, self.value_dim, device=device, dtype=dtype))
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         H = self.n_heads
         q = split_heads(self.q_proj(x), H) * self.key_dim**-0.5
         k = split_heads(self.k_proj(x), H)
         v = split_heads(self.v_proj(x), H)
         log_alpha = split_heads(F.logsigmoid(self.gate_up(self.gate_down(x))) / self.gate_temperature, H)
+        log_alpha = packing.hard_reset(log_alpha, resets, time_dim=2)
         o, S = gated_matrix(q, k, v, log_alpha, state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
         o = merge_heads(self.norm(o))
         y = self.o_proj(F.silu(self.r_proj(x)) * o)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.ops.scan import diagonal_scan
 from recur.registry import register
@@ -47,6 +48,7 @@ class HGRN(Mixer):
     """
 
     modes = ("chunk", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "2 * d_model"
 
     def __init__(self, d_model: int, mode: str | None = None, *, layer_idx: int | None = None,
@@ -86,14 +88,14 @@ class HGRN(Mixer):
             return torch.log(self.forget_gate(x))
         return F.logsigmoid(F.linear(x, self.f_proj.weight.to(x.dtype), self.f_proj.bias.to(x.dtype)))
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         dtype = x.dtype
         work = torch.float64 if dtype == torch.float64 else torch.float32
         u = x.to(work)
         log_lam = self.log_forget_gate(u)
         lam = log_lam.exp()
         c_re, c_im = F.silu(F.linear(u, self.c_proj.weight.to(work), self.c_proj.bias.to(work))).chunk(2, dim=-1)
-        log_a = torch.complex(log_lam, self.theta.to(work).expand_as(lam))
+        log_a = torch.complex(packing.hard_reset(log_lam, resets, time_dim=1), self.theta.to(work).expand_as(lam))
         b = torch.complex((1 - lam) * c_re, (1 - lam) * c_im)
         h, h_last = diagonal_scan(log_a, b, state["h"], mode=self.op_mode, chunk_size=self.chunk_size)
         g = F.silu(self.g_proj(x))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import head_split, merge_heads, split_heads
 from recur.ops.gated import gated_matrix
@@ -63,6 +64,7 @@ class HGRN2(Mixer):
     """
 
     modes = ("chunk", "parallel", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "n_heads * expand_ratio * expand_ratio"
 
     def __init__(
@@ -106,12 +108,13 @@ class HGRN2(Mixer):
             log_f = torch.logaddexp(torch.full_like(log_f, math.log(gamma)), math.log1p(-gamma) + log_f)
         return log_f
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         H = self.n_heads
         log_f = self.log_forget(x)
         k = -torch.expm1(log_f)  # 1 - f_t, the tied input gate
         q, k, v = split_heads(F.silu(self.q_proj(x)), H), split_heads(k.to(x.dtype), H), split_heads(self.i_proj(x), H)
-        o, S = gated_matrix(q, k, v, split_heads(log_f, H), state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
+        log_alpha = packing.hard_reset(split_heads(log_f, H), resets, time_dim=2)
+        o, S = gated_matrix(q, k, v, log_alpha, state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
         o = merge_heads(o)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
         return self.o_proj(o), State(S=S)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import merge_heads, positive_int, split_heads
 from recur.ops.gated import gated_matrix
@@ -67,6 +68,7 @@ class LinearAttention(Mixer):
     """
 
     modes = ("chunk", "parallel", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "n_heads * feature_dim * (head_dim + 1)"
 
     def __init__(
@@ -115,13 +117,14 @@ class LinearAttention(Mixer):
             return o / n.abs().clamp(min=1.0)
         return o / (n + self.eps)
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         H = self.n_heads
         q = self.phi(split_heads(self.q_proj(x), H))
         k = self.phi(split_heads(self.k_proj(x), H))
         v = split_heads(self.v_proj(x), H)
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # the ones column accumulates z_t
-        o, S = gated_matrix(q, k, v, None, state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
+        log_alpha = packing.hard_reset(None, resets, time_dim=2, like=q)  # no decay, but a reset
+        o, S = gated_matrix(q, k, v, log_alpha, state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
         o = self.normalise(o[..., :-1], o[..., -1:])
         y = self.o_proj(merge_heads(o))
         return y, State(S=S)

@@ -30,6 +30,7 @@ import math
 import torch
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import positive_int
 from recur.ops.scan import diagonal_scan
@@ -56,6 +57,7 @@ class LRU(Mixer):
     """
 
     modes = ("chunk", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "2 * d_state"
 
     def __init__(
@@ -98,14 +100,17 @@ class LRU(Mixer):
         """log lambda = -exp(nu_log) + i exp(theta_log): [d_state] complex, real part < 0."""
         return torch.complex(-self.nu_log.to(dtype).exp(), self.theta_log.to(dtype).exp())
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         work = _work_dtype(x.dtype)
         u = x.to(work)
         gamma = self.gamma_log.to(work).exp()
         # gamma * (B x_t) as two real matmuls: [batch, time, d_state] complex
         bx = torch.complex(u @ self.B_re.to(work).T, u @ self.B_im.to(work).T) * gamma
+        log_lambda = self.log_lambda(work)
+        if resets is not None:  # one decay per step, zero at a reset
+            log_lambda = packing.hard_reset(log_lambda.expand(*bx.shape), resets, time_dim=1)
         h, h_last = diagonal_scan(
-            self.log_lambda(work), bx, state["h"],
+            log_lambda, bx, state["h"],
             mode=self.op_mode, chunk_size=self.chunk_size,
         )
         # Re(C h) = C_re h_re - C_im h_im

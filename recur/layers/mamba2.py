@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import ShortConv, merge_heads, positive_ints, split_heads
 from recur.ops.gated import gated_matrix
@@ -58,6 +59,7 @@ class Mamba2(Mixer):
     """
 
     modes = ("chunk", "parallel", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "(d_conv - 1) * (d_inner + 2 * n_groups * d_state) + n_heads * d_state * head_dim"
 
     def __init__(
@@ -110,7 +112,7 @@ class Mamba2(Mixer):
             S=torch.zeros(batch_size, self.n_heads, self.d_state, self.head_dim, device=device, dtype=dtype),
         )
 
-    def ssd_inputs(self, x: torch.Tensor, conv_tail: torch.Tensor):
+    def ssd_inputs(self, x: torch.Tensor, conv_tail: torch.Tensor, resets: torch.Tensor | None = None):
         """The SSD operands from the block input x [batch, time, d_model].
 
         Returns (z [b, t, d_inner], xs [b, t, d_inner], B [b, t, G, N], C [b, t, G, N],
@@ -119,17 +121,17 @@ class Mamba2(Mixer):
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         G, N = self.n_groups, self.d_state
         z, xBC, dt = self.in_proj(x).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        xBC, tail = self.conv(xBC, conv_tail)
+        xBC, tail = self.conv(xBC, conv_tail, resets)
         xs, Bm, Cm = xBC.to(work).split([self.d_inner, G * N, G * N], dim=-1)
         dt = F.softplus(dt.to(work) + self.dt_bias.to(work))
         return z, xs, split_heads(Bm, G, "b t h d"), split_heads(Cm, G, "b t h d"), dt, tail
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         H, G = self.n_heads, self.n_groups
-        z, xs, Bm, Cm, dt, tail = self.ssd_inputs(x, state["conv"])
+        z, xs, Bm, Cm, dt, tail = self.ssd_inputs(x, state["conv"], resets)
         work = xs.dtype
         A = -self.A_log.to(work).exp()  # [heads], < 0
-        log_alpha = rearrange(dt * A, "b t h -> b h t")  # <= 0
+        log_alpha = packing.hard_reset(rearrange(dt * A, "b t h -> b h t"), resets, time_dim=2)  # <= 0
         # Heads of group g are g * H/G ... (g+1) * H/G - 1 (the official head -> group map).
         to_heads = lambda t: rearrange(t, "b t g n -> b g t n").repeat_interleave(H // G, dim=1)  # noqa: E731
         q, k = to_heads(Cm), to_heads(Bm)  # [b, heads, t, d_state]

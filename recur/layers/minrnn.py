@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import positive_int
 from recur.ops.scan import diagonal_scan, log_space_scan
@@ -55,6 +56,7 @@ class _MinRNN(Mixer):
     """Shared body of minGRU and minLSTM (see the module docstring)."""
 
     modes = ("chunk", "parallel", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "d_hidden"
     n_gates = 1  # gate projections besides the candidate h~
     # Subclasses define log_coefficients(gates, cand) -> (log a, log b) of h_t = a_t h_{t-1} + b_t
@@ -72,13 +74,14 @@ class _MinRNN(Mixer):
     def init_state(self, batch_size, device=None, dtype=None) -> State:
         return State(h=torch.zeros(batch_size, self.d_hidden, device=device, dtype=dtype))
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         dtype = x.dtype
         # In float32 at least: a bfloat16 decay near 1 would round to 1 (no forgetting).
         work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         u = self.in_proj(x).to(work)
         gates, cand = u[..., : -self.d_hidden], u[..., -self.d_hidden :]
         log_a, log_b = self.log_coefficients(gates, cand)
+        log_a = packing.hard_reset(log_a, resets, time_dim=1)
         h0 = state["h"].to(work)
         if self.mode == "parallel":
             h, _ = log_space_scan(log_a, log_b)

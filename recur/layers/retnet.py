@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import head_split, positions_from, rotary, split_heads
 from recur.ops.gated import gated_matrix
@@ -40,6 +41,7 @@ class RetNet(Mixer):
     """
 
     modes = ("chunk", "parallel", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "n_heads * key_dim * value_dim"
 
     def __init__(
@@ -81,7 +83,7 @@ class RetNet(Mixer):
             pos=torch.zeros(batch_size, device=device, dtype=torch.int64),
         )
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         B, T, _ = x.shape
         H = self.n_heads
         positions = positions_from(state["pos"], T)  # [batch, time]
@@ -90,6 +92,7 @@ class RetNet(Mixer):
         v = split_heads(self.v_proj(x), H)
         work = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         log_alpha = self.log_gamma(x.device, work)[None, :, None].expand(B, -1, T)  # [batch, heads, time]
+        log_alpha = packing.hard_reset(log_alpha, resets, time_dim=2)
         o, S = gated_matrix(q, k, v, log_alpha, state["S"], mode=self.op_mode, chunk_size=self.chunk_size)
         o = self.group_norm(rearrange(o, "b h t d -> (b t) (h d)"))  # GroupNorm over each head's channels
         o = rearrange(o, "(b t) c -> b t c", b=B)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import ShortConv, head_split, positive_int
 from recur.ops.scan import diagonal_scan
@@ -94,6 +95,7 @@ class RGLRU(Mixer):
     """
 
     modes = ("chunk", "recurrent")
+    native_packing = True  # a reset is a log decay of -inf (recur.layers.packing)
     state_formula = "lru_width + (conv_size - 1) * lru_width"
 
     def __init__(self, d_model: int, mode: str | None = None, *, lru_width: int | None = None,
@@ -135,15 +137,16 @@ class RGLRU(Mixer):
         """log a = log sigmoid(Lambda) = -softplus(-Lambda) per channel: log a_t = c r_t log a."""
         return -F.softplus(-self.Lambda.to(dtype))
 
-    def _forward(self, x, state):
+    def _forward(self, x, state, resets=None):
         dtype = x.dtype
         work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         branch = F.gelu(self.branch_proj(x))
-        u, tail = self.conv(self.in_proj(x), state["conv"])
+        u, tail = self.conv(self.in_proj(x), state["conv"], resets)
         u = u.to(work)
         r, i = torch.sigmoid(self.gate_r(u)), torch.sigmoid(self.gate_i(u))
         log_a = C * r * self.log_base_decay(work)
         b = _SqrtBoundedGradient.apply(-torch.expm1(2 * log_a)) * (i * u)
+        log_a = packing.hard_reset(log_a, resets, time_dim=1)  # after b: its sqrt(1 - a^2) is the gate's
         h, h_last = diagonal_scan(log_a, b, state["h"].to(work), mode=self.op_mode, chunk_size=self.chunk_size)
         y = self.out_proj(branch * h.to(dtype))
         return y, State(conv=tail, h=h_last.to(dtype))

@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from recur.layers import packing
 from recur.layers.base import Mixer
 from recur.layers.common import (ShortConv, logit, merge_heads, positions_from, positive_int, rotary, split_heads,
                                  window_property)
@@ -199,11 +200,18 @@ class PersistentWindowAttention(nn.Module):
 
     def init_state(self, batch_size, device=None, dtype=None) -> dict:
         empty = torch.zeros(batch_size, self.n_heads, 0, self.head_dim, device=device, dtype=dtype)
-        return dict(pos=torch.zeros(batch_size, device=device, dtype=torch.int64), k=empty, v=empty.clone())
+        counter = torch.zeros(batch_size, device=device, dtype=torch.int64)
+        return dict(pos=counter, start=counter.clone(), k=empty, v=empty.clone())
 
-    def forward(self, x, pos, k_cache, v_cache, window: int, mode: str):
-        T = x.shape[1]
-        positions = positions_from(pos, T)
+    def forward(self, x, pos, k_cache, v_cache, window: int, mode: str, start: torch.Tensor | None = None):
+        """``start`` [batch] (default 0): where each row's current document began (packed
+        sequences): cached keys before it are hidden (the persistent prefix stays visible)."""
+        T, n = x.shape[1], k_cache.shape[2]
+        start = torch.zeros_like(pos) if start is None else start
+        masked = bool((start > pos - n).any())
+        # rotary positions count from the document's start: the persistent keys are not rotated,
+        # so a query's scores against them depend on its position in its document
+        positions = positions_from(pos - start, T)
         q = rotary(split_heads(self.q_proj(x), self.n_heads), positions, self.rotary_base)
         k = rotary(split_heads(self.k_proj(x), self.n_heads), positions, self.rotary_base)
         v = split_heads(self.v_proj(x), self.n_heads)
@@ -215,22 +223,31 @@ class PersistentWindowAttention(nn.Module):
                 k_all = torch.cat([k_cache, k_t[:, :, None]], dim=2)
                 v_all = torch.cat([v_cache, v_t[:, :, None]], dim=2)
                 # the cache holds at most window - 1 tokens: with the prefix, all of it is visible
-                outs.append(attention_step(q_t, torch.cat([pk, k_all], 2), torch.cat([pv, v_all], 2), scale=scale))
+                # (but for an earlier document's keys)
+                if masked:  # the prefix after the cache (key order is free here): first hides cache keys only
+                    first = (start - (pos + len(outs) + 1 - k_all.shape[2])).clamp(min=0)
+                    outs.append(attention_step(q_t, torch.cat([k_all, pk], 2), torch.cat([v_all, pv], 2), scale=scale,
+                                               first=first))
+                else:
+                    outs.append(attention_step(q_t, torch.cat([pk, k_all], 2), torch.cat([pv, v_all], 2), scale=scale))
                 k_cache, v_cache = trim_cache(k_all, window), trim_cache(v_all, window)
             o = torch.stack(outs, dim=2)
         else:
             k_all, v_all = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
-            o = prefix_window_attention(q, k_all, v_all, pk, pv, window, scale)
+            o = prefix_window_attention(q, k_all, v_all, pk, pv, window, scale,
+                                        first=(start - (pos - n)).clamp(min=0) if masked else None)
             k_cache, v_cache = trim_cache(k_all, window), trim_cache(v_all, window)
         return self.o_proj(merge_heads(o)), pos + T, k_cache, v_cache
 
 
-def prefix_window_attention(q, k, v, pk, pv, window: int, scale: float, block: int = 256) -> torch.Tensor:
+def prefix_window_attention(q, k, v, pk, pv, window: int, scale: float, block: int = 256,
+                            first: torch.Tensor | None = None) -> torch.Tensor:
     """Causal sliding-window attention plus a prefix visible to every query.
 
     q [batch, heads, T, d]; k, v [batch, heads, S, d] (S - T cached tokens, then the queries'
     own, as ``recur.ops.attention``); pk, pv [batch, heads, Np, d]. Query i (key index a =
-    S - T + i) sees every prefix key and key j iff a - window < j <= a. Blocks of ``block``
+    S - T + i) sees every prefix key and key j iff a - window < j <= a (and j >= first [batch],
+    when given: the current document's first key). Blocks of ``block``
     queries, each one masked ``scaled_dot_product_attention`` call (``recur.ops.attention``
     has no always-visible prefix).
     """
@@ -243,7 +260,10 @@ def prefix_window_attention(q, k, v, pk, pv, window: int, scale: float, block: i
         a = torch.arange(a0, hi, device=q.device)[:, None]
         j = torch.arange(lo, hi, device=q.device)[None, :]
         visible = (j <= a) & (a - j < window)
-        mask = torch.cat([torch.ones(m, Np, dtype=torch.bool, device=q.device), visible], dim=1)
+        if first is not None:  # per row: [batch, 1, m, keys]
+            visible = (visible & (j >= first[:, None, None]))[:, None]
+        prefix = torch.ones(*visible.shape[:-1], Np, dtype=torch.bool, device=q.device)
+        mask = torch.cat([prefix, visible], dim=-1)
         kb, vb = torch.cat([pk, k[:, :, lo:hi]], dim=2), torch.cat([pv, v[:, :, lo:hi]], dim=2)
         outs.append(F.scaled_dot_product_attention(q[:, :, s : s + m], kb, vb, attn_mask=mask, scale=scale))
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -336,7 +356,13 @@ class _WindowTitans(_TitansBase):
         return self._memory_state_size(self._memory_module()) + cache
 
     def attend(self, x, state):
-        return self.attention(x, state["pos"], state["k"], state["v"], self.window, self.mode)
+        return self.attention(x, state["pos"], state["k"], state["v"], self.window, self.mode, start=state["start"])
+
+    def reset_rows(self, state, rows, initial):
+        """The memory of the rows starting a document goes back to its initial state; their window
+        hides the cached keys from the next token on (the cache grows, so it is not swapped)."""
+        memory = packing.reset_rows(state["memory"], initial["memory"], rows)
+        return state.replace(memory=memory, start=torch.where(rows, state["pos"], state["start"]))
 
 
 @register("titans_mag", family="test-time-memory", paper=PAPER)
@@ -370,7 +396,7 @@ class TitansMAG(_WindowTitans):
     def _forward(self, x, state):
         y, pos, k, v = self.attend(x, state)
         m, mem = self.memory(x, state["memory"], self.op_mode, self.chunk_size)
-        return self.gate(y, m), State(pos=pos, k=k, v=v, memory=mem)
+        return self.gate(y, m), State(pos=pos, start=state["start"], k=k, v=v, memory=mem)
 
 
 @register("titans_mal", family="test-time-memory", paper=PAPER)
@@ -394,7 +420,7 @@ class TitansMAL(_WindowTitans):
     def _forward(self, x, state):
         y, mem = self.layer(x, state["memory"], self.op_mode, self.chunk_size)
         o, pos, k, v = self.attend(y, state)
-        return o, State(pos=pos, k=k, v=v, memory=mem)
+        return o, State(pos=pos, start=state["start"], k=k, v=v, memory=mem)
 
 
 @register("titans_mac", family="test-time-memory", paper=PAPER)

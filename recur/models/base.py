@@ -13,6 +13,7 @@ built from a ``ModelConfig`` by ``from_config``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recur.layers.base import Mixer
+from recur.layers.base import MODES, Mixer
 from recur.state import State
 
 
@@ -43,6 +44,13 @@ class ModelOutput:
 
     def __len__(self) -> int:
         return 2
+
+
+def check_mode_name(mode: Any) -> None:
+    """``mode`` must be one of the mixer modes (``set_mode`` leaves a mixer without it alone, but an
+    unknown name is a typo, not a request)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; the modes are {', '.join(MODES)} (each mixer lists its own in .modes)")
 
 
 def check_tokens(tokens: Any, vocab_size: int) -> None:
@@ -75,8 +83,11 @@ class Architecture(nn.Module, ABC):
 
     # -- to implement ---------------------------------------------------------
     @abstractmethod
-    def forward(self, inputs: torch.Tensor, state: State | None = None) -> ModelOutput:
-        """The model on ``inputs`` from ``state`` (None: the zero state)."""
+    def forward(self, inputs: torch.Tensor, state: State | None = None,
+                resets: torch.Tensor | None = None) -> ModelOutput:
+        """The model on ``inputs`` from ``state`` (None: the zero state). ``resets`` (bool [batch,
+        time], optional): True where a packed document starts; the output from there on is the
+        model's on that document alone (``recur.layers.packing``)."""
 
     @abstractmethod
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
@@ -104,6 +115,7 @@ class Architecture(nn.Module, ABC):
 
     def set_mode(self, mode: str) -> None:
         """Use ``mode`` in every mixer that supports it (others keep theirs)."""
+        check_mode_name(mode)
         for m in self.mixers:
             if mode in m.modes:
                 m.mode = mode
@@ -124,6 +136,7 @@ class Architecture(nn.Module, ABC):
     def from_config(cls, config, vocab_size: int) -> Architecture:
         """Build from a ``recur.config.ModelConfig``: the shared sizes and block parts, plus the
         architecture's own options (``config.args``) as keyword arguments."""
+        config = _model_config(config)
         b = config.block
         return cls(vocab_size=vocab_size, d_model=config.d_model, n_layers=config.n_layers, pattern=config.mixer,
                    mixer_config=config.mixer_args, mlp=b.mlp, mlp_ratio=b.ratio, norm=b.norm,
@@ -135,6 +148,21 @@ class Architecture(nn.Module, ABC):
         return cls(vocab_size=vocab_size, d_model=d_model, n_layers=2, pattern="gla")
 
 
+def _model_config(config: Any):
+    """``config`` as a ``recur.config.ModelConfig`` (a dict is validated into one)."""
+    from recur.config import ModelConfig, config_problems
+    from pydantic import ValidationError
+
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, dict):
+        try:
+            return ModelConfig.model_validate(config)
+        except ValidationError as e:
+            raise ValueError(f"bad model config: {config_problems(e)}") from None
+    raise TypeError(f"from_config takes a recur.config.ModelConfig (or its dict), got {type(config).__name__}")
+
+
 class Generator:
     """Streaming generation for autoregressive architectures (mixed into them)."""
 
@@ -142,20 +170,23 @@ class Generator:
 
     @torch.no_grad()
     def stream(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-               state: State | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+               state: State | None = None, generator: torch.Generator | None = None,
+               attention_mask: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
         """Yield new tokens ([batch] each) one at a time.
 
         The prompt is read in one call (fast mode); each new token is then one step with the
         carried state, so recurrent models generate in constant memory and attention uses its
         KV cache. ``temperature=0`` is greedy; otherwise sample, optionally from the top-k logits.
+        ``attention_mask`` [batch, time] (1/True: a token, 0/False: padding) batches prompts of
+        different lengths, padded on the left: each row's state is reset at its first token, so
+        pad tokens never enter it and every row generates what its prompt alone would.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.vocab_size:
-            raise ValueError(f"top_k must be in [1, {self.vocab_size}], got {top_k}")
-        logits, state = self(prompt, state)
+        check_sampling(max_new_tokens, temperature, top_k, self.vocab_size)
+        check_tokens(prompt, self.vocab_size)
+        if prompt.shape[1] == 0:
+            raise ValueError(f"the prompt must hold at least one token per row, got shape {tuple(prompt.shape)}")
+        resets = None if attention_mask is None else left_padding_resets(attention_mask, prompt, state)
+        logits, state = self(prompt, state) if resets is None else self(prompt, state, resets=resets)
         last = logits[:, -1]
         for _ in range(max_new_tokens):
             token = _sample(last, temperature, top_k, generator)
@@ -165,10 +196,52 @@ class Generator:
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """The prompt followed by ``max_new_tokens`` generated tokens: int64 [batch, time + new]."""
-        new = list(self.stream(prompt, max_new_tokens, temperature, top_k, generator=generator))
+                 generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The prompt followed by ``max_new_tokens`` generated tokens: int64 [batch, time + new].
+        ``attention_mask``: left-padded prompts (see ``stream``)."""
+        new = list(self.stream(prompt, max_new_tokens, temperature, top_k, generator=generator,
+                               attention_mask=attention_mask))
         return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt.clone()
+
+
+def left_padding_resets(attention_mask: torch.Tensor, prompt: torch.Tensor, state: State | None) -> torch.Tensor:
+    """The resets that start each row at its first real token of a left-padded prompt."""
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(prompt.shape):
+        raise ValueError(f"attention_mask must be a tensor of the prompt's shape {tuple(prompt.shape)} (1: token, "
+                         f"0: left padding), got {tuple(getattr(attention_mask, 'shape', ())) or type(attention_mask).__name__}")
+    if attention_mask.dtype != torch.bool and (attention_mask.is_floating_point() or attention_mask.is_complex()
+                                               or not bool(((attention_mask == 0) | (attention_mask == 1)).all())):
+        raise ValueError("attention_mask must hold only 0/1 (or False/True)")
+    real = attention_mask.to(device=prompt.device, dtype=torch.bool)
+    if not bool(real[:, -1].all()) or bool((real[:, :-1] & ~real[:, 1:]).any()):
+        raise ValueError("attention_mask must pad on the left only: each row is 0 ... 0 1 ... 1, ending in a token")
+    first = torch.cat([real[:, :1], real[:, 1:] & ~real[:, :-1]], dim=1)
+    if state is not None and not bool(real.all()):
+        raise ValueError("a left-padded prompt (attention_mask with zeros) starts each row from the initial state: "
+                         "it cannot continue a given state")
+    return first
+
+
+def check_sampling(max_new_tokens: Any, temperature: Any, top_k: Any, vocab_size: int) -> None:
+    """The generation options: an int max_new_tokens >= 0, a finite temperature >= 0 (0: greedy) and
+    top_k None or an int in [1, vocab_size]; anything else is a TypeError / ValueError saying so."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not is_int(max_new_tokens):
+        raise TypeError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r} ({type(max_new_tokens).__name__})")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if isinstance(temperature, torch.Tensor) and temperature.numel() == 1:
+        temperature = temperature.item()
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r} ({type(temperature).__name__})")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and not is_int(top_k):
+        raise TypeError(f"top_k must be None or an int in [1, {vocab_size}], got {top_k!r} ({type(top_k).__name__})")
+    if top_k is not None and not 1 <= top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [1, {vocab_size}], got {top_k}")
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -4,6 +4,7 @@
     y, state = block(x, state)                        # pre-norm residual: x + mixer(norm(x)), then + channel(norm(x))
     backbone = Backbone(64, n_layers=6, pattern="samba", channel="gelu", shared_blocks=2)
     h, state = backbone(x, state)                     # State(layer0=..., layer1=..., [channel{i}=...])
+    h, state = backbone(x, state, resets=mask)        # packed documents: every layer resets where mask is True
 
 A block is assembled from named parts (Mamba's ``Block(dim, mixer_cls, mlp_cls, norm_cls)``): a
 token mixer, a channel mixer (``swiglu``, ``gelu``, ``rwkv4``, or None) and a norm (``rmsnorm``,
@@ -23,6 +24,7 @@ from torch import nn
 from recur.layers.base import Mixer
 from recur.layers.channel import build_channel, depth_kwargs
 from recur.layers.norms import build_norm
+from recur.models.base import check_mode_name
 from recur.registry import build, list_models, model_info, resolve_pattern
 from recur.state import State
 
@@ -45,13 +47,13 @@ class Block(nn.Module):
     def stateful_channel(self) -> bool:
         return self.channel is not None and self.channel.stateful
 
-    def forward(self, x: torch.Tensor, state: State | None = None,
-                channel_state: State | None = None) -> tuple[torch.Tensor, State, State | None]:
-        """Returns (output, mixer state, channel state or None)."""
-        y, state = self.mixer(self.norm1(x), state)
+    def forward(self, x: torch.Tensor, state: State | None = None, channel_state: State | None = None,
+                resets: torch.Tensor | None = None) -> tuple[torch.Tensor, State, State | None]:
+        """Returns (output, mixer state, channel state or None). ``resets``: packed documents (the mixer's)."""
+        y, state = self.mixer(self.norm1(x), state, resets=resets)
         x = x + y
         if self.channel is not None:
-            y, channel_state = self.channel(self.norm2(x), channel_state)
+            y, channel_state = self.channel(self.norm2(x), channel_state, resets=resets)
             x = x + y
         return x, state, channel_state if self.stateful_channel else None
 
@@ -62,6 +64,21 @@ def mixer_kwargs(name: str, config: Mapping[str, Any] | None) -> dict[str, Any]:
     models = set(list_models())
     flat = {k: v for k, v in config.items() if not (k in models and isinstance(v, Mapping))}
     return {**flat, **dict(config.get(name, {}) if isinstance(config.get(name), Mapping) else {})}
+
+
+def check_mixer_config(config: Mapping[str, Any] | None, names) -> None:
+    """``config`` is a mapping, and a per-model group (``{"swa": {"window": 64}}``) names a model of the
+    pattern ``names``: options for a mixer the model does not have are an error, not ignored."""
+    if config is None:
+        return
+    if not isinstance(config, Mapping):
+        raise TypeError(f"mixer_config (model.mixer_args) must be a mapping of options, got {type(config).__name__}")
+    models = set(list_models())
+    absent = [k for k, v in config.items() if k in models and isinstance(v, Mapping) and k not in names]
+    if absent:
+        mixers = ", ".join(dict.fromkeys(names))
+        raise ValueError(f"mixer options for {', '.join(repr(a) for a in absent)}, which {'is' if len(absent) == 1 else 'are'}"
+                         f" not in this model: its mixers are {mixers} (options MODEL.KEY apply to that model's layers)")
 
 
 def _mixer_depth(name: str, layer_idx: int, n_layers: int) -> dict[str, int]:
@@ -86,6 +103,7 @@ class Backbone(nn.Module):
         if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
             raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
         names = resolve_pattern(pattern)
+        check_mixer_config(mixer_config, names)
         self.layer_names = [names[i % len(names)] for i in range(n_layers)]
         unique = n_layers if shared_blocks is None else shared_blocks
         if isinstance(unique, bool) or not isinstance(unique, int) or not 1 <= unique <= n_layers:
@@ -132,6 +150,7 @@ class Backbone(nn.Module):
 
     def set_mode(self, mode: str) -> None:
         """Use ``mode`` in every mixer that supports it (others keep theirs)."""
+        check_mode_name(mode)
         for m in self.mixers:
             if mode in m.modes:
                 m.mode = mode
@@ -140,7 +159,9 @@ class Backbone(nn.Module):
         keys = {f"layer{i}" for i in range(self.n_layers)}
         return keys | {f"channel{i}" for i, b in enumerate(self.layers) if b.stateful_channel}
 
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State | None = None,
+                resets: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """``resets`` bool [batch, time]: True where a packed document starts (every layer resets)."""
         if state is not None and (not isinstance(state, State) or set(state) != self._state_keys()):
             got = sorted(state) if isinstance(state, State) else type(state).__name__
             raise ValueError(f"backbone state must be a State with entries {sorted(self._state_keys())} "
@@ -148,7 +169,7 @@ class Backbone(nn.Module):
         new = {}
         for i, block in enumerate(self.layers):
             get = (lambda k: None) if state is None else state.get
-            x, new[f"layer{i}"], ch = block(x, get(f"layer{i}"), get(f"channel{i}"))
+            x, new[f"layer{i}"], ch = block(x, get(f"layer{i}"), get(f"channel{i}"), resets=resets)
             if ch is not None:
                 new[f"channel{i}"] = ch
         return x, State(new)

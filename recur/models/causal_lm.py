@@ -64,7 +64,10 @@ class CausalLM(Generator, Architecture):
     def set_mode(self, mode: str) -> None:
         self.backbone.set_mode(mode)
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, state: State | None = None,
+                resets: torch.Tensor | None = None) -> ModelOutput:
+        """``resets`` bool [batch, time]: True where a packed document starts (every layer's state
+        goes back to the initial state before that token)."""
         check_tokens(tokens, self.vocab_size)
-        h, state = self.backbone(self.embed(tokens), state)
+        h, state = self.backbone(self.embed(tokens), state, resets=resets)
         return ModelOutput(self.head(self.norm(h)), state)

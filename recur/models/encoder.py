@@ -95,7 +95,10 @@ class Encoder(Architecture):
     def set_mode(self, mode: str) -> None:
         self.backbone.set_mode(mode)
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, state: State | None = None,
+                resets: torch.Tensor | None = None) -> ModelOutput:
+        """``resets`` bool [batch, time]: True where a packed document starts; the backbone resets
+        there, and the pooled head pools the row's last document (the pool restarts with it)."""
         check_tokens(tokens, self.vocab_size)
         if state is None:
             state = self.init_state(tokens.shape[0], device=tokens.device)
@@ -103,15 +106,23 @@ class Encoder(Architecture):
             got = sorted(state) if isinstance(state, State) else type(state).__name__
             raise ValueError(f"encoder state must be a State with entries "
                              f"{sorted(self.init_state(1, device='meta'))}, got {got}")
-        h, backbone = self.backbone(self.embed(tokens), state["backbone"])
+        h, backbone = self.backbone(self.embed(tokens), state["backbone"], resets=resets)
         new = {"backbone": backbone}
         if self.head_kind == "token":
             return ModelOutput(self.head(self.norm(h)), State(new))
         if self.pool == "last":
             pooled = h[:, -1]
         else:
-            new["pool_sum"] = state["pool_sum"] + h.sum(dim=1)
-            new["pool_count"] = state["pool_count"] + h.shape[1]
+            total, count = state["pool_sum"], state["pool_count"]
+            if resets is None:
+                new["pool_sum"], new["pool_count"] = total + h.sum(dim=1), count + h.shape[1]
+            else:  # the last document only: positions from the row's last reset on
+                t = torch.arange(h.shape[1], device=h.device)
+                last = torch.where(resets, t, -1).max(dim=1).values  # -1: no reset in this row
+                keep = t[None, :] >= last[:, None]
+                restart = last >= 0
+                new["pool_sum"] = torch.where(restart[:, None], 0.0, total) + (h * keep.unsqueeze(-1)).sum(dim=1)
+                new["pool_count"] = torch.where(restart, 0, count) + keep.sum(dim=1)
             pooled = new["pool_sum"] / new["pool_count"].unsqueeze(-1).to(h.dtype)
         return ModelOutput(self.head(self.norm(pooled)), State(new))
 

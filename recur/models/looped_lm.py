@@ -63,7 +63,8 @@ class LoopedLM(CausalLM):
     def state_size(self, seq_len: int) -> int:
         return self.n_loops * self.backbone.state_size(seq_len)
 
-    def forward(self, tokens: torch.Tensor, state: State | None = None) -> ModelOutput:
+    def forward(self, tokens: torch.Tensor, state: State | None = None,
+                resets: torch.Tensor | None = None) -> ModelOutput:
         check_tokens(tokens, self.vocab_size)
         keys = [f"loop{j}" for j in range(self.n_loops)]
         if state is not None and (not isinstance(state, State) or set(state) != set(keys)):
@@ -75,7 +76,7 @@ class LoopedLM(CausalLM):
         new = {}
         for key in keys:
             z, new[key] = self.backbone(z + e if self.inject or key == "loop0" else z,
-                                        None if state is None else state[key])
+                                        None if state is None else state[key], resets=resets)
         return ModelOutput(self.head(self.norm(z)), State(new))
 
     @classmethod

@@ -10,6 +10,10 @@ at most ``window - 1`` earlier tokens:
 
 Only relative positions matter here; rotary positions are applied by the layer before.
 
+Packed documents: ``first`` [batch, T] (int64) hides, for each query, the keys before its
+document's first key index (key j visible iff first_i <= j as well): a block-diagonal causal
+mask. A query always sees its own token (first_i <= a).
+
     attention(q, k, v, window=None, mode="parallel")   # [batch, heads, T, d_v]
     attention_step(q, k, v, window=None)               # one new query against the cache
     trim_cache(k, window)                              # keep the last window - 1 tokens
@@ -37,6 +41,7 @@ MODES = ("reference", "parallel")
 # blocks mean fewer kernel calls (at 100k cached keys, 512-query blocks run ~1.6x faster
 # than 128-query blocks on CPU).
 _BLOCK_ELEMENTS = 1 << 28
+_PACKED_BLOCK = 128  # queries per block with packed documents (see _parallel)
 
 
 def attention(
@@ -48,30 +53,39 @@ def attention(
     scale: float | None = None,
     mode: str = "parallel",
     query_block: int | None = None,
+    first: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal (optionally sliding-window) softmax attention of the last T tokens over all S keys.
 
     q: [batch, heads, T, d_k]; k: [batch, heads, S, d_k]; v: [batch, heads, S, d_v], S >= T.
     ``window``: a query sees itself and ``window - 1`` earlier tokens (None: all earlier ones).
     ``query_block``: queries per block in parallel mode (default: the largest power of two
-    keeping the block's scores under 2^28 elements). Returns [batch, heads, T, d_v].
+    keeping the block's scores under 2^28 elements). ``first`` (optional) int64 [batch, T]: the
+    first key index each query may see (its document's start; see the module docstring).
+    Returns [batch, heads, T, d_v].
     """
     _check(q, k, v, window, mode)
+    _check_first(first, q.shape[0], q.shape[2], k.shape[2])
     if query_block is not None and (isinstance(query_block, bool) or not isinstance(query_block, int) or query_block < 1):
         raise ValueError(f"query_block must be None or an int >= 1, got {query_block!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.shape[2] == 0:
         return q.new_zeros(*q.shape[:3], v.shape[-1])
-    o = _reference(q, k, v, window, scale) if mode == "reference" else _parallel(q, k, v, window, scale, query_block)
-    trace.record(attention, dict(q=q, k=k, v=v, window=window, scale=scale, mode=mode), "v", None, o)
+    if mode == "reference":
+        o = _reference(q, k, v, window, scale, first)
+    else:
+        o = _parallel(q, k, v, window, scale, query_block, first)
+    trace.record(attention, dict(q=q, k=k, v=v, window=window, scale=scale, mode=mode, first=first), "v", None, o)
     return o
 
 
-def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None, scale: float | None = None) -> torch.Tensor:
+def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
+                   scale: float | None = None, first: torch.Tensor | None = None) -> torch.Tensor:
     """One decoding step: the newest token's query against the cache that already holds its key.
 
-    q: [batch, heads, d_k]; k, v: [batch, heads, S, d] (the last entry is the query's own token).
+    q: [batch, heads, d_k]; k, v: [batch, heads, S, d] (the last entry is the query's own token);
+    ``first`` (optional) int64 [batch]: the first key index the query may see.
     Returns [batch, heads, d_v]; equals the last row of ``attention`` over the same keys.
     """
     if q.ndim != 3 or k.ndim != 4 or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
@@ -79,8 +93,10 @@ def attention_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window:
     _check(q[:, :, None], k, v, window, "reference")
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    _check_first(None if first is None else first[:, None], q.shape[0], 1, k.shape[2])
     lo = 0 if window is None else max(0, k.shape[2] - window)
-    return _attend(q, k[:, :, lo:], v[:, :, lo:], scale)
+    hidden = None if first is None else _hidden(first[:, None], lo, k.shape[2])[:, 0]
+    return _attend(q, k[:, :, lo:], v[:, :, lo:], scale, hidden)
 
 
 def trim_cache(kv: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -102,34 +118,57 @@ def append_to_cache(cache: torch.Tensor, new: torch.Tensor, window: int | None =
 
 
 # ------------------------------------------------------------------------------ modes
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    # q: [batch, heads, d_k]; k, v: [batch, heads, n, d] all visible -> [batch, heads, d_v]
-    p = torch.softmax(scale * torch.einsum("bhd,bhnd->bhn", q, k), dim=-1)
-    return torch.einsum("bhn,bhnd->bhd", p, v)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            hidden: torch.Tensor | None = None) -> torch.Tensor:
+    # q: [batch, heads, d_k]; k, v: [batch, heads, n, d] -> [batch, heads, d_v]; all visible but
+    # the keys where hidden [batch, n] is True
+    scores = scale * torch.einsum("bhd,bhnd->bhn", q, k)
+    if hidden is not None:
+        scores = scores.masked_fill(hidden[:, None], float("-inf"))
+    return torch.einsum("bhn,bhnd->bhd", torch.softmax(scores, dim=-1), v)
 
 
-def _reference(q, k, v, window, scale):
+def _hidden(first: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """[batch, queries, hi - lo] True where key index lo..hi-1 is before the query's first key."""
+    return torch.arange(lo, hi, device=first.device) < first[..., None]
+
+
+def _reference(q, k, v, window, scale, first=None):
     T, S = q.shape[2], k.shape[2]
     out = []
     for i in range(T):
         a = S - T + i  # key index of query i's own token
         lo = 0 if window is None else max(0, a - window + 1)
-        out.append(_attend(q[:, :, i], k[:, :, lo : a + 1], v[:, :, lo : a + 1], scale))
+        hidden = None if first is None else _hidden(first[:, i], lo, a + 1)
+        out.append(_attend(q[:, :, i], k[:, :, lo : a + 1], v[:, :, lo : a + 1], scale, hidden))
     return torch.stack(out, dim=2)
 
 
-def _parallel(q, k, v, window, scale, query_block):
+def _parallel(q, k, v, window, scale, query_block, first=None):
     B, H, T, _ = q.shape
     S = k.shape[2]
     n = query_block if query_block is not None else _default_block(T, S, window, B * H)
+    if first is not None and query_block is None:
+        # packed documents: blocks of at most 128 queries read keys from their earliest
+        # document start on, so the cost follows the documents' lengths, not the row's
+        n = min(n, _PACKED_BLOCK)
     out = []
     for s in range(0, T, n):
         m = min(n, T - s)
         a0 = S - T + s  # key index of the block's first query
         lo = 0 if window is None else max(0, a0 - window + 1)
+        if first is not None:
+            lo = max(lo, int(first[:, s : s + m].min()))
         hi = a0 + m
         qb, kb, vb = q[:, :, s : s + m], k[:, :, lo:hi], v[:, :, lo:hi]
-        if lo == a0 and (window is None or window >= m):
+        if first is not None:
+            # packed documents: the causal (window) mask and the document mask, per row
+            a = torch.arange(a0, hi, device=q.device)[:, None]
+            j = torch.arange(lo, hi, device=q.device)[None, :]
+            visible = (j <= a) if window is None else (j <= a) & (a - j < window)
+            visible = visible & ~_hidden(first[:, s : s + m], lo, hi)  # [batch, m, keys]
+            out.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=visible[:, None], scale=scale))
+        elif lo == a0 and (window is None or window >= m):
             # A square block the window does not cut: SDPA's own causal mask.
             out.append(F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale))
         else:
@@ -163,6 +202,14 @@ def _reversed_rows_mask(m: int, kv: int, window: int | None, dtype, device) -> t
         visible &= i > last - window
     buf = torch.zeros(m + kv - 1, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
     return buf.as_strided((m, kv), (1, 1))
+
+
+def _check_first(first, B: int, T: int, S: int) -> None:
+    if first is None:
+        return
+    if not isinstance(first, torch.Tensor) or first.dtype != torch.int64 or tuple(first.shape) != (B, T):
+        raise ValueError(f"first must be an int64 tensor [batch, queries]={(B, T)} of key indices, "
+                         f"got {getattr(first, 'dtype', type(first).__name__)} {tuple(getattr(first, 'shape', ()))}")
 
 
 def _check(q, k, v, window, mode) -> None:

@@ -46,7 +46,10 @@ def set_enabled(flag: bool) -> None:
 
 
 def enabled() -> bool:
-    return _ENABLED and numba is not None
+    """True if the compiled kernels may run. Never while ``torch.compile`` traces: a numba kernel
+    is opaque to it, so a compiled graph takes the PyTorch twins (held equal to the kernels by
+    the tests), which it can trace and fuse, with no graph break."""
+    return _ENABLED and numba is not None and not torch.compiler.is_compiling()
 
 
 def can_real(t: torch.Tensor) -> bool:

@@ -174,3 +174,72 @@ def test_a_wrong_state_is_a_clear_error(name):
         model(tokens(), State(nope=torch.zeros(B, 1, dtype=torch.float64)))
     with pytest.raises((TypeError, ValueError), match="tokens"):
         model(torch.zeros(B, T))
+
+
+PACKED_STARTS = [[0, 3, 8, 9, 22], [7, 16]]  # odd positions, chunk edges (8, 16), the last token; row 1 not at 0
+
+
+def packed(starts=PACKED_STARTS, t: int = T) -> torch.Tensor:
+    mask = torch.zeros(len(starts), t, dtype=torch.bool)
+    for row, ts in enumerate(starts):
+        mask[row, ts] = True
+    return mask
+
+
+def documents_alone(model, x, starts=PACKED_STARTS):
+    """Each row's documents run separately from the zero state: per-position logits laid end to
+    end, or (a sequence-level head) the last document's logits."""
+    rows = []
+    for row, ts in enumerate(starts):
+        cuts = sorted({0, *ts, x.shape[1]})
+        outs = [model(x[row:row + 1, a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+        rows.append(joined(outs))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("mode", ["fast", "recurrent"])
+@pytest.mark.parametrize("name", ARCHS)
+def test_a_packed_batch_equals_its_documents_alone(name, mode):
+    model = make(name)
+    if mode == "recurrent":
+        model.set_mode("recurrent")
+    x = tokens()
+    whole = model(x, resets=packed())
+    alone = documents_alone(model, x)
+    close(whole.logits, alone, "packed logits vs documents alone")
+    g = torch.randn(alone.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    grads = []
+    for logits in (whole.logits, alone):
+        model.zero_grad()
+        (logits * g).sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        close(grads[0][n], grads[1][n], f"gradient of {n}, packed vs documents alone")
+
+
+@pytest.mark.parametrize("mlp", ["rwkv4", "swiglu"])
+def test_packing_in_a_hybrid_with_attention_and_a_stateful_channel_mixer(mlp):
+    """Attention's block-diagonal mask, a linear recurrence and RWKV's token shift in one model."""
+    torch.manual_seed(0)
+    model = recur.CausalLM(vocab_size=V, d_model=D, n_layers=3, pattern=["attention", "gla", "lstm"], mlp=mlp).double()
+    for m in model.mixers:
+        if hasattr(m, "chunk_size"):
+            m.chunk_size = 8
+    x = tokens()
+    close(model(x, resets=packed()).logits, documents_alone(model, x), f"hybrid with {mlp}")
+
+
+@pytest.mark.parametrize("name", [n for n in ARCHS if ARCHITECTURES.get(n).cls.autoregressive])
+def test_left_padded_prompts_generate_what_each_prompt_alone_does(name):
+    model = make(name)
+    lengths = [5, 2]
+    x = tokens(t=5)
+    prompt, mask = x.clone(), torch.ones(2, 5, dtype=torch.long)
+    prompt[1, :3], mask[1, :3] = 0, 0  # row 1: three pads, then its two tokens
+    out = model.generate(prompt, max_new_tokens=4, attention_mask=mask)
+    for row, n in enumerate(lengths):
+        alone = model.generate(prompt[row:row + 1, 5 - n:], max_new_tokens=4)
+        assert torch.equal(out[row, 5:], alone[0, n:]), f"row {row}: padded batch vs its prompt alone"
+    with pytest.raises(ValueError, match="left"):
+        model.generate(prompt, max_new_tokens=1, attention_mask=mask.flip(1))

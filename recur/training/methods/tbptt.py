@@ -84,7 +84,7 @@ class TBPTT(Method):
             parts, carry = [], None
             for a, b in ((start, split), (split, end)):
                 if b > a:
-                    out = model(batch.inputs[:, a:b], state)
+                    out = model(batch.inputs[:, a:b], state, **batch.model_inputs(a, b))
                     parts.append(out.logits)
                     state = out.state
                 if b == split:
