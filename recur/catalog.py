@@ -78,13 +78,16 @@ def markdown(d_model: int = WIDTH, seq_len: int = LENGTH) -> str:
         f"Every model below is built with `recur.build(name, d_model)` and passes the conformance suite. "
         f"Modes list the default (fastest) first; `recurrent` is the sequential reference. "
         f"The state size is the number of floats carried per sequence (complex counted twice), given as a "
-        f"formula over the layer's attributes (T = tokens seen) and evaluated at d_model={d_model} with the defaults.",
+        f"formula over the layer's attributes (T = tokens seen) and evaluated at d_model={d_model} with the defaults. "
+        f"Models marked *encoder only* are not causal (they read the future): a causal LM refuses them; "
+        f"use them in `Encoder` (`recur run --arch encoder`).",
         "",
         f"| model | family | modes | state size formula | floats at d_model={d_model} | paper |",
         "|---|---|---|---|---|---|",
     ]
     for row in catalog(d_model, seq_len):
-        lines.append(f"| `{row['name']}` | {row['family']} | {', '.join(row['modes'])} | "
+        only = "" if row.get("causal", True) else " (*encoder only*)"
+        lines.append(f"| `{row['name']}`{only} | {row['family']} | {', '.join(row['modes'])} | "
                      f"`{row['state_formula']}` | {size_text(row, seq_len)} | {row['paper']} |")
     patterns = list_patterns()
     if patterns:

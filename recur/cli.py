@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from recur.config import RunConfig, SweepConfig, config_hash, config_problems, to_nested
-from recur.results import DEFAULT_PATH, ResultStore
+from recur.results import DEFAULT_PATH, ResultStore, StoreError
 
 DEFAULT_REPORT_DIR = "recur-report"
 DEFAULT_CHECKPOINT_DIR = "recur-checkpoints"
@@ -85,8 +87,16 @@ def _model_arg(text: str) -> str | list[str]:
 
 
 # ------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are two short lines, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recur", description="Recurrent sequence models: train, sweep, benchmark, report.")
+    p = _Parser(prog="recur", description="Recurrent sequence models: train, sweep, benchmark, report.")
+    p.add_argument("--debug", action="store_true", help="on an error, show the Python traceback too")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="train one model on one task and record it",
@@ -173,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     archs.add_argument("--json", action="store_true")
     methods = sub.add_parser("methods", help="list the registered training methods and their options")
     methods.add_argument("--json", action="store_true")
+    for command in sub.choices.values():  # `recur run ... --debug` as well as `recur --debug run ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="on an error, show the Python traceback too")
     return p
 
 
@@ -228,6 +241,9 @@ def cmd_run(args, out: Console, err: Console) -> int:
     except ImportError as e:
         raise UsageError(f"--import: {e}") from None
     cfg = run_config_from_args(args)
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        raise UsageError(f"--checkpoint-every: checkpoint_every must be >= 1 (steps between checkpoints), "
+                         f"got {args.checkpoint_every}")
     h = config_hash(cfg)
     with ResultStore(args.db) as store:
         stored = store.get(h)
@@ -243,12 +259,15 @@ def cmd_run(args, out: Console, err: Console) -> int:
             if args.resume and (ckpt is None or not (ckpt / "LATEST").exists()):
                 raise UsageError(f"--resume: no checkpoint of run {h} in {args.checkpoint_dir} "
                                  "(write them with --checkpoint-every N)")
+            check_run(cfg)  # a run that cannot start fails here, in one line, not at its first step
             try:
                 result: RunResult = train(cfg, progress=not args.no_progress and not args.json, checkpoint_dir=ckpt,
                                           checkpoint_every=args.checkpoint_every, resume=args.resume)
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - nothing is written; say why in one line
+                if args.debug:
+                    raise
                 err.print(f"recur run: the run failed, nothing was recorded: {type(e).__name__}: {e}",
                           markup=False, highlight=False)
                 return 1
@@ -273,21 +292,89 @@ def _print_run(summary: dict, h: str, out: Console) -> None:
               f"  steps {summary['steps']}  time {summary['seconds']:.1f} s")
 
 
-def _check_names(configs: list[RunConfig]) -> None:
-    """Fail before training anything if a task or model name of a sweep is unknown."""
-    from recur.registry import ARCHITECTURES, resolve_pattern
-    from recur.tasks.base import task_class
+# ------------------------------------------------------------------ checking runs before training
+def _probe_config(cfg: RunConfig) -> RunConfig:
+    """The run with at most 2 sequences per batch: what its first step needs, cheaply."""
+    return cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"batch_size": min(cfg.optim.batch_size, 2)})})
 
-    for cfg in configs:
-        task_class(cfg.task.name)
-        resolve_pattern(cfg.model.mixer)
-        ARCHITECTURES.get(cfg.model.arch)
+
+def check_run(cfg: RunConfig) -> None:
+    """Everything a run needs before training: its device, task and model built (names, task
+    parameters, mixer and architecture options, sizes that fit together), its training methods set
+    up, and one training step on a batch of at most 2 sequences (so an option that only fails in
+    the forward pass, such as ``chunk_size=0``, fails here). A ``ConfigError`` says what is wrong;
+    nothing of the run is kept and the global random state is left as it was."""
+    import torch
+
+    from recur.training import ConfigError, Trainer
+
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            trainer = Trainer(_probe_config(cfg), progress=False)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as e:
+            raise ConfigError(f"model {cfg.model_name!r} on task {cfg.task.name!r} cannot be built: "
+                              f"{type(e).__name__}: {e}") from None
+        try:
+            trainer.train_step()
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever stops the first step stops the run
+            raise ConfigError(f"model {cfg.model_name!r} on task {cfg.task.name!r} fails at its first training "
+                              f"step: {type(e).__name__}: {e}") from None
+        finally:
+            del trainer
+            if torch.cuda.is_initialized():
+                torch.cuda.empty_cache()  # the probe's memory goes back before the run (or its workers) start
+
+
+def check_runs(configs: list[RunConfig], where: str = "") -> None:
+    """``check_run`` for every run (each distinct task x model x methods once), then one ConfigError
+    listing every run that cannot start, numbered in ``configs`` order and named."""
+    from recur.config import list_problems
+    from recur.sweep import describe
+    from recur.training import ConfigError
+
+    problems, verdicts = [], {}
+    for i, cfg in enumerate(configs, 1):
+        # seeds and learning rates do not decide whether a run can start
+        key = cfg.model_copy(update={"seed": 0, "optim": cfg.optim.model_copy(
+            update={"lr": 1e-3, "batch_size": min(cfg.optim.batch_size, 2)})}).canonical_json()
+        if key not in verdicts:
+            try:
+                check_run(cfg)
+                verdicts[key] = None
+            except ConfigError as e:
+                verdicts[key] = str(e)
+        if verdicts[key] is not None:
+            problems.append(f"run {i} ({describe(cfg)}): {verdicts[key]}")
+    if problems:
+        raise ConfigError((f"{where}: " if where else "") + list_problems(problems, len(configs), "cannot start",
+                                                                          "cannot start"))
 
 
 def _report_sweep(summary, err: Console) -> int:
-    err.print(f"{len(summary.done)} runs done, {summary.skipped} skipped, {len(summary.failed)} failed"
+    others = (f", {len(summary.by_others)} stored by another sweep" if summary.by_others else "") + \
+        (f", {summary.elsewhere} still being trained by another sweep" if summary.elsewhere else "")
+    err.print(f"{len(summary.done)} runs done, {summary.skipped} skipped, {len(summary.failed)} failed{others}"
               f" ({summary.seconds:.0f} s)")
     return 1 if summary.failed else 0
+
+
+def _report_dir(path: Path) -> Path:
+    """``--out``: a directory the report can be written in (created if absent), checked before any work."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path}: expected a report directory, got an existing file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {path}: expected a directory that can be created, got: "
+                         f"{(e.strerror or str(e)).lower()}") from None
+    if not os.access(path, os.W_OK):
+        raise UsageError(f"--out {path}: expected a writable directory, got a read-only one")
+    return path
 
 
 def cmd_sweep(args, out: Console, err: Console) -> int:
@@ -297,13 +384,16 @@ def cmd_sweep(args, out: Console, err: Console) -> int:
         raise UsageError(f"no such sweep file: {args.file}")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    sweep = SweepConfig.from_yaml(args.file)  # every message names the file
     try:
-        sweep = SweepConfig.from_yaml(args.file)
         import_modules(sweep.imports)
+    except ImportError as e:
+        raise UsageError(f"{args.file}: imports: {e}") from None
+    try:
         configs = sweep.expand()
-        _check_names(configs)
-    except (ValueError, ImportError, OSError) as e:
-        raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(f"{args.file}: {e}") from None
+    check_runs(configs, where=str(args.file))  # every run, before the first one trains
     with ResultStore(args.db) as store:
         summary = run_sweep(configs, store, workers=args.workers, imports=sweep.imports, console=err)
     return _report_sweep(summary, err)
@@ -314,7 +404,8 @@ def cmd_report(args, out: Console, err: Console) -> int:
 
     if not args.db.exists():
         raise UsageError(f"no results store at {args.db}: run `recur run`, `recur sweep` or `recur bench` first")
-    with ResultStore(args.db) as store:
+    with ResultStore(args.db, readonly=None) as store:  # read-only media: read it, write nothing to it
+        _report_dir(args.out)
         _show_leaderboard(store.leaderboard(), args.json, out)
         index = build_report(store, args.out)
     (err if args.json else out).print(f"report written to {index}")
@@ -345,6 +436,7 @@ def cmd_bench(args, out: Console, err: Console) -> int:
     workers = args.workers if args.workers is not None else max(1, min(os.cpu_count() or 1, 4))
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
+    _report_dir(args.out)  # before the sweep, not after hours of training
     with ResultStore(args.db) as store:
         summary = run_sweep(configs, store, workers=workers, console=err)
         hashes = {config_hash(c) for c in configs}
@@ -426,14 +518,21 @@ def cmd_models(args, out: Console, err: Console) -> int:
     if args.json:
         print(json.dumps({"d_model": catalog.WIDTH, "seq_len": catalog.LENGTH, "models": rows, "patterns": patterns}))
         return 0
-    t = Table(title=f"models (recur run --model NAME); state size in floats at d_model={catalog.WIDTH}",
-              title_justify="left")
-    for col in ("model", "family", "modes", "state size formula", "floats", "paper"):
-        t.add_column(col, style="bold" if col == "model" else None, overflow="fold")
-    for r in rows:
-        t.add_row(r["name"], r["family"], ", ".join(r["modes"]), r["state_formula"],
-                  catalog.size_text(r, catalog.LENGTH), r["paper"])
-    out.print(t)
+    # Encoder-only layers (causal=False, e.g. bidirectional) read the future: a causal LM refuses
+    # them, so they are listed apart, with how to use them.
+    for causal, title in ((True, f"models (recur run --model NAME); state size in floats at d_model={catalog.WIDTH}"),
+                          (False, "encoder-only layers (not causal: not usable with the default causal_lm; "
+                                  "recur run --arch encoder --model NAME)")):
+        chosen = [r for r in rows if r.get("causal", True) == causal]
+        if not chosen:
+            continue
+        t = Table(title=title, title_justify="left")
+        for col in ("model", "family", "modes", "state size formula", "floats", "paper"):
+            t.add_column(col, style="bold" if col == "model" else None, overflow="fold")
+        for r in chosen:
+            t.add_row(r["name"], r["family"], ", ".join(r["modes"]), r["state_formula"],
+                      catalog.size_text(r, catalog.LENGTH), r["paper"])
+        out.print(t)
     if patterns:
         p = Table(title="patterns (repeated to n_layers)", title_justify="left")
         p.add_column("pattern", style="bold")
@@ -482,6 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse has printed the usage and the error
         return int(e.code or 0)
+    args.debug = bool(getattr(args, "debug", False))
     out, err = Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
     if not out.is_terminal:  # piped: do not squeeze the leaderboard into 80 columns
         out.width = max(out.width, 160)
@@ -489,12 +589,52 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args, out, err)
-    except (UsageError, ConfigError) as e:
+    except (UsageError, ConfigError, StoreError) as e:
+        if args.debug:
+            traceback.print_exc()
         err.print(f"recur {args.command}: error: {e}", markup=False, highlight=False)
         return 2
-    except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
+    except KeyboardInterrupt as e:  # a sweep's SweepInterrupted says what it stored and what it did not run
+        try:  # exiting now: another Ctrl-C ends the process at once
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        except ValueError:  # not the main thread: signals are not ours to handle
+            pass
+        if args.debug:
+            traceback.print_exc()
+        err.print(str(e) or "interrupted", markup=False, highlight=False)
         return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback unless --debug
+        if args.debug:
+            traceback.print_exc()
+        known = error_message(e)
+        if known is not None:
+            err.print(f"recur {args.command}: error: {known}", markup=False, highlight=False)
+            return 2
+        err.print(f"recur {args.command}: unexpected error: {type(e).__name__}: {e}", markup=False, highlight=False)
+        if not args.debug:
+            err.print("(an input recur does not check yet, or a bug: rerun with --debug for the traceback)",
+                      markup=False, highlight=False)
+        return 1
+
+
+# Exceptions that describe a bad input (a config, a file, a name): `error: <message>`, exit 2.
+def error_message(e: BaseException) -> str | None:
+    """The one-line message of a known kind of bad-input error, or None for an unexpected one."""
+    import sqlite3
+
+    import yaml
+
+    if isinstance(e, ValidationError):
+        return config_problems(e)
+    if isinstance(e, KeyError):  # a registry or mapping lookup: the key, not its repr in quotes
+        return str(e.args[0]) if e.args else "missing key"
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {(e.strerror or str(e)).lower()}"
+    if isinstance(e, sqlite3.DatabaseError):
+        return f"results store: {e}"
+    if isinstance(e, (ValueError, TypeError, OSError, ImportError, yaml.YAMLError)):
+        return str(e) or type(e).__name__
+    return None
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
 ``RunConfig`` = ``task`` (name, args, training length) + ``model`` (architecture, mixer pattern,
 sizes, per-mixer options, block parts, architecture options) + ``optim`` + ``training`` (a list of
 training methods with their options) + ``eval`` + ``seed`` and ``device``. Every field a user can
-write is validated, and an error names its key (``optim.lr: Input should be greater than 0``).
+write is validated, and an error names its key and the value it got (``optim.lr: Input should be
+greater than 0, got -1.0``); a boolean is never a number (``seed: true`` is an error, not seed 1) and
+floats are finite.
 The flat keys of earlier versions (``seq_len``, ``lr``, ``mlp``, ``state_init``, ...) are still
 accepted anywhere a config is written (Python, sweep YAML, stored runs) and mean the nested key
 in ``LEGACY_KEYS``.
@@ -32,6 +34,9 @@ A sweep YAML names grid axes and, beside them, any field shared by every run::
     lrs: [1.0e-3, 3.0e-3]
     axes: {model.block.mlp: [swiglu, gelu], training: [[], [state_noise]]}   # any nested key
     optim: {steps: 1000}                      # shared by every run (or `steps: 1000`, or `optim.steps: 1000`)
+
+``load_yaml`` reads it: a key given twice is an error (not last-wins), ``1e-3`` is a float (YAML 1.2),
+and every error names the file, line and column.
 """
 
 from __future__ import annotations
@@ -40,18 +45,98 @@ import copy
 import hashlib
 import itertools
 import json
+import math
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from recur.registry import CHANNEL_MIXERS, METHODS, NORMS
 
 
+# ------------------------------------------------------------------ numbers are numbers
+def _kinds(annotation: Any) -> set[str]:
+    """What a field's annotation admits, coarsely: "int", "float", "bool", "list" (with its element
+    annotation checked apart) or "other" (str, dicts, models, Any...)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _kinds(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    if annotation is bool:
+        return {"bool"}
+    if annotation is int:
+        return {"int"}
+    if annotation is float:
+        return {"float"}
+    if origin in (list, tuple):
+        return {"list"}
+    if annotation is type(None):
+        return set()
+    return {"other"}
 
-class Section(BaseModel):
-    """A config section: unknown keys are errors, values are validated, instances are frozen.
+
+def _elements(annotation: Any) -> list[Any]:
+    """The element annotations of a list / tuple annotation (every arm of a union)."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _elements(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [e for a in typing.get_args(annotation) for e in _elements(a)]
+    if origin in (list, tuple):
+        return [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    return []
+
+
+def check_number(value: Any, annotation: Any) -> None:
+    """Raise a ValueError where ``value`` would be silently converted into a number it does not
+    mean: a boolean where an int or float is expected (``seeds: [true]`` is not seed 1), or an
+    infinite or NaN float (``lr: inf``); recurses into lists and tuples."""
+    kinds = _kinds(annotation)
+    numeric = kinds & {"int", "float"}
+    if isinstance(value, bool):
+        if numeric and not kinds & {"bool", "other"}:
+            what = "an integer" if numeric == {"int"} else "a number"
+            raise ValueError(f"Input should be {what}, got the boolean {value!r}")
+        return
+    if "float" in kinds and not kinds & {"other"} and isinstance(value, (float, str)):
+        try:
+            number = float(value)
+        except ValueError:
+            return  # not a number at all: pydantic says so
+        if not math.isfinite(number):
+            raise ValueError(f"Input should be a finite number, got {value!r}")
+        return
+    if isinstance(value, (list, tuple)) and "list" in kinds:
+        elements = _elements(annotation)
+        if len(elements) == 1:  # list[X], tuple[X, ...]
+            for item in value:
+                check_number(item, elements[0])
+        elif len(elements) == len(value):  # tuple[X, Y]
+            for item, element in zip(value, elements):
+                check_number(item, element)
+
+
+class StrictNumbers:
+    """Mixin of the config models: a boolean is never an int or a float, and floats are finite
+    (pydantic's lax mode would read ``true`` as 1 and accept ``inf``)."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name) if info.field_name else None
+        if field is not None:
+            check_number(value, field.annotation)
+        return value
+
+
+class Section(StrictNumbers, BaseModel):
+    """A config section: unknown keys are errors, values are validated (a boolean is not a number,
+    floats are finite), instances are frozen.
 
     ``FROZEN`` maps every field that has a default to its value when it was introduced, in its
     canonical (JSON) form: the hash leaves the field out when it equals that. Never edit an entry;
@@ -250,7 +335,7 @@ class RunConfig(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     training: list[MethodConfig] = Field(default_factory=list, description="training methods, applied in order")
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = Field(0, ge=-2**63, lt=2**64, description="seeds the model's initialisation and every random stream")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
 
     @model_validator(mode="before")
@@ -291,12 +376,24 @@ def config_hash(cfg: RunConfig) -> str:
     return hashlib.sha256(cfg.canonical_json().encode()).hexdigest()[:16]
 
 
+# errors whose input says nothing more (or is already in the message)
+_NO_INPUT = {"missing", "extra_forbidden", "value_error", "assertion_error", "too_short", "too_long"}
+
+
 def config_problems(e: ValidationError) -> str:
-    """A pydantic error as one readable line: ``key.path: message; key: message``."""
+    """A pydantic error as one readable line: ``key.path: message, got VALUE; key: message``."""
     parts = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-")) or "config"
-        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        if (err["type"] not in _NO_INPUT and "input" in err
+                and (given is None or isinstance(given, (str, int, float, list))) and len(repr(given)) <= 80):
+            if err["type"] == "int_from_float":  # "... got a number with a fractional part"
+                msg += f" ({given!r})"
+            elif "got" not in msg:
+                msg += f", got {given!r}"
+        parts.append(f"{loc}: {msg}")
     return "; ".join(parts)
 
 
@@ -367,8 +464,76 @@ def to_nested(data: dict | list[tuple[str, Any]]) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ YAML files
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, stricter: a key given twice in one mapping is an error (not last-wins),
+    and ``1e-3`` is a float (YAML 1.2; YAML 1.1 reads it as a string)."""
+
+
+def _no_duplicate_keys(loader: YamlLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Mark] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base": merged keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.get(key)
+        except TypeError:  # an unhashable key: construct_mapping says so
+            continue
+        if first is not None:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first given at line {first.line + 1}); a key may appear "
+                "only once in a mapping", key_node.start_mark)
+        seen[key] = key_node.start_mark
+    return loader.construct_mapping(node, deep=deep)
+
+
+YamlLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(path: str | Path) -> Any:
+    """The content of a YAML file, with errors that name the file (and the line and column)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a YAML file")
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such file: {path}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    if b"\x00" in raw[:8192]:
+        raise ValueError(f"{path} is not a text file (it holds binary data); a sweep file is UTF-8 YAML text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}, column {column}: not UTF-8 text (byte 0x{raw[e.start]:02x}); "
+                         "save the file as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=YamlLoader)  # noqa: S506 - YamlLoader is a SafeLoader
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        context = e.context or ""
+        if context and e.context_mark is not None and e.context_mark is not mark:
+            context += f" (from line {e.context_mark.line + 1}, column {e.context_mark.column + 1})"
+        problem = ": ".join(str(x) for x in (context, e.problem) if x)
+        if "\t" in (e.problem or "") or (mark is not None and text.splitlines()[mark.line:mark.line + 1]
+                                          and "\t" in text.splitlines()[mark.line]):
+            problem += " (a tab character: YAML indents with spaces only)"
+        raise ValueError(f"{path}{where}: bad YAML: {problem}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: bad YAML: {e}") from None
+
+
 # ------------------------------------------------------------------ sweeps
-class TaskSpec(BaseModel):
+class TaskSpec(StrictNumbers, BaseModel):
     """One task of a sweep: its name, parameters and any run fields it overrides (e.g. seq_len)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -377,7 +542,7 @@ class TaskSpec(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(StrictNumbers, BaseModel):
     """One model of a sweep: a mixer name, preset or pattern, its options, an architecture, any overrides."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -387,7 +552,7 @@ class ModelSpec(BaseModel):
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class Size(BaseModel):
+class Size(StrictNumbers, BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     d_model: int | None = Field(None, ge=1)
     n_layers: int | None = Field(None, ge=1)
@@ -400,7 +565,7 @@ def _is_run_key(key: str) -> bool:
     return key in _SECTIONS or key in LEGACY_KEYS or key in _LEGACY_METHOD_KEYS or key.split(".")[0] in _SECTIONS
 
 
-class SweepConfig(BaseModel):
+class SweepConfig(StrictNumbers, BaseModel):
     """A grid of runs: models x tasks x sizes x seeds x lrs x axes, plus fields shared by every run."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -408,7 +573,7 @@ class SweepConfig(BaseModel):
     models: list[ModelSpec] = Field(min_length=1)
     tasks: list[TaskSpec] = Field(min_length=1)
     sizes: list[Size] = Field(default_factory=lambda: [Size()])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    seeds: list[Annotated[int, Field(ge=-2**63, lt=2**64)]] = Field(default_factory=lambda: [0])
     lrs: list[float] | None = Field(None, description="None: the shared lr")
     axes: dict[str, list[Any]] = Field(default_factory=dict, description="any nested key -> the values it takes")
     shared: dict[str, Any] = Field(default_factory=dict, description="run fields common to every run")
@@ -461,8 +626,11 @@ class SweepConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SweepConfig:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text)
+        """The sweep of a YAML file; every problem (a missing or binary file, bad YAML, a duplicate
+        key, a bad value) is a ValueError (FileNotFoundError for a missing file) naming the file."""
+        data = load_yaml(path)
+        if data is None:
+            raise ValueError(f"{path}: the file is empty; a sweep file is a YAML mapping with 'models' and 'tasks'")
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a sweep file is a YAML mapping with 'models' and 'tasks', got {type(data).__name__}")
         try:
@@ -471,8 +639,9 @@ class SweepConfig(BaseModel):
             raise ValueError(f"{path}: bad sweep config: {config_problems(e)}") from None
 
     def expand(self) -> list[RunConfig]:
-        """Every run of the grid (duplicates removed), ordered task, size, model, seed, lr, axes."""
-        runs, seen = [], set()
+        """Every run of the grid (duplicates removed), ordered task, size, model, seed, lr, axes. A
+        ValueError lists every run whose config is invalid (up to ``MAX_LISTED``), numbered in that order."""
+        runs, seen, problems, index = [], set(), [], 0
         axis_values = list(itertools.product(*self.axes.values())) if self.axes else [()]
         for task in self.tasks:
             for size in self.sizes:
@@ -490,13 +659,31 @@ class SweepConfig(BaseModel):
                                 grid.update(zip(self.axes, point))
                                 fields = to_nested([*self.shared.items(), *task.overrides.items(),
                                                     *model.overrides.items(), *grid.items()])
+                                index += 1
                                 try:
                                     cfg = RunConfig.model_validate(fields)
-                                except ValidationError as e:
-                                    raise ValueError(f"bad run in sweep (task {task.name!r}, model {model.name!r}): "
-                                                     f"{config_problems(e)}") from None
+                                except (ValidationError, ValueError) as e:
+                                    text = config_problems(e) if isinstance(e, ValidationError) else str(e)
+                                    problems.append(f"run {index} (task {task.name!r}, model {model.name!r}, seed "
+                                                    f"{seed}{'' if lr is None else f', lr {lr!r}'}): {text}")
+                                    continue
                                 h = config_hash(cfg)
                                 if h not in seen:
                                     seen.add(h)
                                     runs.append(cfg)
+        if problems:
+            raise ValueError(list_problems(problems, index, "is invalid", "are invalid"))
         return runs
+
+
+MAX_LISTED = 10  # problems listed in one error (then "... and N more")
+
+
+def list_problems(problems: list[str], total: int, one: str, many: str) -> str:
+    """``"2 of 5 runs <many>:"`` (``one`` for a single problem) and one indented line per problem
+    (at most MAX_LISTED of them)."""
+    head = f"{len(problems)} of {total} run{'s' if total != 1 else ''} {one if len(problems) == 1 else many}:"
+    lines = [head] + [f"  {p}" for p in problems[:MAX_LISTED]]
+    if len(problems) > MAX_LISTED:
+        lines.append(f"  ... and {len(problems) - MAX_LISTED} more")
+    return "\n".join(lines)

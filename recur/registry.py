@@ -21,6 +21,10 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
+import numbers
+import types
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -180,9 +184,15 @@ def register_pattern(name: str, pattern: list[str] | tuple[str, ...]) -> None:
     PATTERNS.add(name, tuple(pattern))
 
 
-def list_models() -> list[str]:
-    """Names of all registered mixers, sorted."""
-    return MIXERS.names()
+def list_models(causal: bool | None = None) -> list[str]:
+    """Names of all registered mixers, sorted. They include encoder-only layers (``causal=False``,
+    e.g. ``bidirectional``: they read the future, so a causal LM refuses them; use them in
+    ``Encoder``); ``causal=True`` lists only the mixers a causal model can use, ``causal=False``
+    only the encoder-only ones."""
+    names = MIXERS.names()
+    if causal is None:
+        return names
+    return [n for n in names if bool(getattr(MIXERS.get(n).obj, "causal", True)) == causal]
 
 
 def list_patterns() -> dict[str, tuple[str, ...]]:
@@ -232,6 +242,9 @@ def resolve_pattern(pattern: str | list[str] | tuple[str, ...]) -> tuple[str, ..
         if pattern in MIXERS:
             return (pattern,)
         raise MIXERS.unknown(pattern, MIXERS.names() + PATTERNS.names(), what="model or pattern")
+    if not isinstance(pattern, (list, tuple)) or not all(isinstance(n, str) for n in pattern):
+        raise TypeError(f"a pattern is a model name, a preset name, 'hybrid:LINEAR:RATIO' or a list of model "
+                        f"names, got {pattern!r} ({type(pattern).__name__})")
     names = tuple(pattern)
     if not names:
         raise ValueError("a layer pattern needs at least one model name")
@@ -241,5 +254,88 @@ def resolve_pattern(pattern: str | list[str] | tuple[str, ...]) -> tuple[str, ..
 
 
 def build(name: str, d_model: int, **config: Any):
-    """Build the mixer registered as ``name`` with width ``d_model``."""
-    return model_info(name).cls(d_model=d_model, **config)
+    """Build the mixer registered as ``name`` with width ``d_model``; an option the mixer does not
+    have, or a value of the wrong type (``n_heads="abc"``, ``n_heads=True``), is a clear error."""
+    cls = model_info(name).cls
+    check_options(cls, config, owner=name)
+    return cls(d_model=d_model, **config)
+
+
+# ------------------------------------------------------------------ option checks
+def _expected(annotation: Any) -> set[type] | None:
+    """The scalar types an annotation admits among int, float, bool, str (None: anything else too)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _expected(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        out: set[type] = set()
+        for arm in typing.get_args(annotation):
+            if arm is type(None):
+                out.add(type(None))
+                continue
+            sub = _expected(arm)
+            if sub is None:
+                return None
+            out |= sub
+        return out
+    if origin is typing.Literal:
+        return {type(v) for v in typing.get_args(annotation)}
+    if annotation in (int, float, bool, str):
+        return {annotation}
+    return None
+
+
+def _type_words(expected: set[type]) -> str:
+    words = {int: "an int", float: "a number", bool: "a boolean (true or false)", str: "a string"}
+    parts = [words[t] for t in (int, float, bool, str) if t in expected and not (t is int and float in expected)]
+    return " or ".join(parts) + (" or None" if type(None) in expected else "")
+
+
+def _type_ok(value: Any, expected: set[type]) -> bool:
+    if value is None:
+        return type(None) in expected
+    if isinstance(value, bool):
+        return bool in expected
+    if isinstance(value, numbers.Integral):
+        return int in expected or float in expected
+    if isinstance(value, numbers.Real):
+        return float in expected
+    return str in expected and isinstance(value, str)
+
+
+def check_options(cls: type, options: dict[str, Any], owner: str | None = None) -> None:
+    """Check keyword ``options`` against ``cls.__init__``: an unknown option (where the constructor
+    takes no ``**kwargs``) and a value whose type its annotation (or default) rules out raise a
+    ValueError / TypeError naming the option, what it expects and what it got. A float must be finite."""
+    owner = owner or getattr(cls, "name", cls.__name__)
+    try:
+        sig = inspect.signature(cls.__init__)
+    except (TypeError, ValueError):
+        return
+    params = {k: p for k, p in sig.parameters.items() if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # noqa: BLE001 - an annotation that does not evaluate: fall back on the defaults
+        hints = {}
+    for key, value in options.items():
+        if key not in params:
+            if open_ended:
+                continue
+            close = difflib.get_close_matches(key, list(params), n=3, cutoff=0.6)
+            hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            known = ", ".join(k for k in params if k != "d_model") or "(none)"
+            raise TypeError(f"{owner} got an unexpected keyword argument {key!r} (no such option).{hint} "
+                            f"Options of {owner}: {known}")
+        expected = _expected(hints[key]) if key in hints else None
+        default = params[key].default
+        if expected is None and key not in hints and default is not inspect.Parameter.empty and default is not None \
+                and type(default) in (int, float, bool, str):
+            expected = {type(default), type(None)} if default is None else {type(default)}
+        if expected is None or str in expected:  # names and choices: the mixer's own message is the clearer
+            continue
+        if not _type_ok(value, expected):
+            shown = f"{value!r} ({type(value).__name__})" if not isinstance(value, str) else repr(value)
+            raise TypeError(f"{owner}: option {key} must be {_type_words(expected)}, got {shown}")
+        if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            raise ValueError(f"{owner}: option {key} must be a finite number, got {value!r}")

@@ -19,6 +19,40 @@ from safetensors.torch import load_file, save_file
 Entry = Union[torch.Tensor, "State"]
 
 
+def _kind(v: Entry) -> str:
+    return "State" if isinstance(v, State) else f"Tensor{tuple(v.shape)}"
+
+
+def _cat(states: list[State], prefix: str) -> State:
+    first = states[0]
+    for i, s in enumerate(states[1:], 1):
+        if set(s) != set(first):
+            where = f" of entry {prefix[:-1]!r}" if prefix else ""
+            raise ValueError(f"State.cat: state {i} has entries {sorted(s)}{where}, state 0 has {sorted(first)}")
+    out = {}
+    for k, v in first.items():
+        name = prefix + k
+        kinds = [isinstance(s[k], State) for s in states]
+        if any(kinds) and not all(kinds):
+            i = next(j for j, s in enumerate(states) if isinstance(s[k], State) != kinds[0])
+            raise TypeError(f"State.cat: entry {name!r} is a {_kind(v)} in state 0 but a {_kind(states[i][k])} "
+                            f"in state {i}")
+        if kinds[0]:
+            out[k] = _cat([s[k] for s in states], name + ".")
+            continue
+        for i, s in enumerate(states[1:], 1):
+            t = s[k]
+            if t.ndim != v.ndim or t.shape[1:] != v.shape[1:]:
+                raise ValueError(f"State.cat: entry {name!r} has shape {tuple(t.shape)} in state {i} but "
+                                 f"{tuple(v.shape)} in state 0 (all but the batch dimension must match)")
+            if t.dtype != v.dtype:
+                raise TypeError(f"State.cat: entry {name!r} has dtype {t.dtype} in state {i} but {v.dtype} in state 0")
+            if t.device != v.device:
+                raise ValueError(f"State.cat: entry {name!r} is on {t.device} in state {i} but on {v.device} in state 0")
+        out[k] = torch.cat([s[k] for s in states], dim=0)
+    return State(out)
+
+
 class State(Mapping):
     """Named batch-first tensors (or nested States). Immutable mapping; methods return new States."""
 
@@ -101,21 +135,32 @@ class State(Mapping):
 
     def select(self, index) -> State:
         """Rows of the batch: an int keeps the batch dimension (size 1); slices/index tensors as usual."""
-        if isinstance(index, int):
+        if isinstance(index, int) and not isinstance(index, bool):
+            n = next((t.shape[0] for _, t in self.tensors()), None)
+            if n is not None and not -n <= index < n:
+                raise IndexError(f"State.select: row {index} is out of range for a batch of {n}")
             index = slice(index, index + 1) if index != -1 else slice(-1, None)
         return self.map(lambda t: t[index])
 
     @staticmethod
     def cat(states: list[State]) -> State:
-        """Concatenate states along the batch dimension."""
-        first = states[0]
-        out = {}
-        for k, v in first.items():
-            if isinstance(v, State):
-                out[k] = State.cat([s[k] for s in states])
-            else:
-                out[k] = torch.cat([s[k] for s in states], dim=0)
-        return State(out)
+        """Concatenate states along the batch dimension. They must have the same entries, with the
+        same shapes (but the batch), dtypes and devices; a mismatch names the entry."""
+        if isinstance(states, (State, torch.Tensor)) or not hasattr(states, "__iter__"):
+            raise TypeError(f"State.cat takes a list of States, got a {type(states).__name__}")
+        states = list(states)
+        if not states:
+            raise ValueError("State.cat needs at least one State, got an empty list")
+        for i, s in enumerate(states):
+            if not isinstance(s, State):
+                raise TypeError(f"State.cat takes a list of States; item {i} is a {type(s).__name__}")
+        return _cat(states, "")
+
+    @property
+    def batch_size(self) -> int:
+        for _, t in self.tensors():
+            return t.shape[0]
+        raise ValueError("an empty State has no batch size")
 
     @property
     def batch_size(self) -> int:
@@ -148,11 +193,26 @@ class State(Mapping):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> State:
-        flat = load_file(str(path), device=str(device) if device is not None else "cpu")
+        """A State written by ``save`` (FileNotFoundError if there is no such file, ValueError if it
+        is not a safetensors file)."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        if not Path(path).is_file():
+            if Path(path).exists():
+                raise ValueError(f"State.load: {path} is not a file")
+            raise FileNotFoundError(f"State.load: no such file: {path}")
+        try:
+            flat = load_file(str(path), device=str(device) if device is not None else "cpu")
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (OSError, RuntimeError, ValueError, TypeError) as e:
+            raise ValueError(f"State.load: {path} is not a State file (a safetensors file written by "
+                             f"State.save): {e}") from None
+        except Exception as e:  # noqa: BLE001 - safetensors' own SafetensorError derives from Exception only
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise ValueError(f"State.load: {path} is not a State file (a safetensors file written by "
+                             f"State.save): {e}") from None
         complex_keys = set(json.loads(meta.get("complex", "[]")))
         tree: dict = {}
         for name, t in flat.items():
