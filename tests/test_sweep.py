@@ -80,7 +80,7 @@ def test_sweep_in_worker_processes_records_every_run_and_reports_failures(tmp_pa
     with ResultStore(tmp_path / "runs.sqlite") as store:
         summary = run_sweep([*ok, bad], store, workers=2, imports=["harness_tasks"], progress=False)
         assert sorted(summary.done) == sorted(config_hash(c) for c in ok)
-        assert len(summary.failed) == 1 and "unexpected keyword argument" in summary.failed[0][1]
+        assert len(summary.failed) == 1 and "'nope'" in summary.failed[0][1]
         assert store.hashes() == {config_hash(c) for c in ok}
         again = run_sweep([*ok, bad], store, workers=2, progress=False, imports=["harness_tasks"])
         assert again.skipped == 2 and again.done == [] and len(again.failed) == 1
