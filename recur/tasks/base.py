@@ -3,6 +3,7 @@
     task = recur.tasks.get_task("mqar", num_kv_pairs=8)
     inputs, targets, mask = task.batch(n, seq_len, generator, split="train")
     scores = task.score(logits, batch)      # {"accuracy": ..., "exact_match": ...}
+    task.chance(seq_len)                    # the accuracy of guessing uniformly among the answer tokens
 
 * ``inputs``, ``targets``: int64 [n, seq_len]; ``mask``: bool [n, seq_len], True where the
   position is supervised (the loss and the metrics use only those positions).
@@ -22,6 +23,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from recur.config import StrictNumbers, config_problems
 from recur.registry import TASKS
 
 SPLITS = ("train", "test")
@@ -36,6 +38,11 @@ class Batch:
     targets: torch.Tensor  # int64 [n, seq_len]
     mask: torch.Tensor  # bool [n, seq_len]
     valid: torch.Tensor | None = None  # bool [n, seq_len, vocab]: every acceptable target (dfa_icll)
+    resets: torch.Tensor | None = None  # bool [n, seq_len]: packed documents, True where one starts
+
+    def model_inputs(self, start: int = 0, end: int | None = None) -> dict:
+        """Keyword arguments of a model call on positions [start, end): ``resets`` when packed."""
+        return {} if self.resets is None else {"resets": self.resets[:, start:end]}
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.inputs, self.targets, self.mask))
@@ -48,15 +55,18 @@ class Batch:
             mask = mask.clone()
             mask[:, :supervised_from - start] = False
         return Batch(self.inputs[:, start:end], self.targets[:, start:end], mask,
-                     valid=None if self.valid is None else self.valid[:, start:end])
+                     valid=None if self.valid is None else self.valid[:, start:end],
+                     resets=None if self.resets is None else self.resets[:, start:end])
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in (self.inputs, self.targets, self.mask)),
-                     valid=None if self.valid is None else self.valid.to(device))
+                     valid=None if self.valid is None else self.valid.to(device),
+                     resets=None if self.resets is None else self.resets.to(device))
 
 
-class TaskParams(BaseModel):
-    """Base of every task's parameters: unknown keys are errors, values are validated."""
+class TaskParams(StrictNumbers, BaseModel):
+    """Base of every task's parameters: unknown keys are errors, values are validated (a boolean is
+    not a number, floats are finite)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -72,7 +82,7 @@ class Task(ABC):
         try:
             self.params = self.Params(**params)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in e.errors())
+            problems = config_problems(e)
             raise ValueError(f"bad parameters for task {self.name!r}: {problems}. "
                              f"Parameters: {describe_params(self.Params)}") from None
 
@@ -89,6 +99,17 @@ class Task(ABC):
     def min_seq_len(self) -> int:
         """The shortest sequence this configuration can be laid out in."""
         return 1
+
+    def answer_tokens(self) -> range:
+        """Every token that can be the target of a supervised position (default: the whole vocabulary)."""
+        return range(self.vocab_size)
+
+    def chance(self, seq_len: int | None = None) -> float:
+        """Chance-level token accuracy: the expected accuracy of a guess drawn uniformly from
+        ``answer_tokens()`` without reading the input. With one right answer per supervised position
+        it is 1 / len(answer_tokens()) at every length; a task with several acceptable answers
+        (``Batch.valid``) overrides it."""
+        return 1.0 / len(self.answer_tokens())
 
     # -- shared -----------------------------------------------------------------
     def score(self, logits: torch.Tensor, batch: Batch) -> dict[str, float]:

@@ -66,6 +66,9 @@ class Copy(Task):
     def min_seq_len(self) -> int:
         return 2 * self.params.copy_len + 1
 
+    def answer_tokens(self) -> range:
+        return range(FIRST_DATA, self.params.vocab_size)
+
     def batch(self, n: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:
         self.check_split(split)
         self.check_seq_len(seq_len)
@@ -108,6 +111,9 @@ class SelectiveCopy(Task):
 
     def min_seq_len(self) -> int:
         return 2 * self.params.num_tokens
+
+    def answer_tokens(self) -> range:
+        return range(FIRST_DATA, self.params.vocab_size)
 
     def batch(self, n: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:
         self.check_split(split)

@@ -178,6 +178,18 @@ class DfaIcll(Task):
     def min_seq_len(self) -> int:
         return 2
 
+    def answer_tokens(self) -> range:
+        return range(SEP if self.params.supervise_separator else FIRST_SYMBOL, self.vocab_size)
+
+    def chance(self, seq_len: int | None = None) -> float:
+        """Several symbols are right at a position (every one the DFA allows next), so chance is the
+        mean, over the supervised positions of 64 test sequences (a fixed seed) at ``seq_len``
+        (default 256), of the share of ``answer_tokens()`` that is acceptable there."""
+        batch = self.batch(64, seq_len or 256, torch.Generator().manual_seed(0), split="test")
+        answers = self.answer_tokens()
+        acceptable = batch.valid[..., answers.start:answers.stop].sum(-1)[batch.mask]
+        return float(acceptable.double().mean()) / len(answers) if acceptable.numel() else 0.0
+
     # -- sampling ---------------------------------------------------------------------------
     def _random_dfa(self, u: _Uniforms) -> DFA:
         p = self.params

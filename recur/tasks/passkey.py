@@ -52,6 +52,9 @@ class Passkey(Task):
         # the shortest haystack where every depth bin is its own insertion point
         return 2 * self.params.digits + 1 + self.params.depths - 1
 
+    def answer_tokens(self) -> range:
+        return range(FIRST_DIGIT, FIRST_DIGIT + 10)  # the digits
+
     def haystack_len(self, seq_len: int) -> int:
         return seq_len - 2 * self.params.digits - 1
 

@@ -122,6 +122,9 @@ class MQAR(Task):
     def min_seq_len(self) -> int:
         return 4 * self.params.num_kv_pairs  # 2N for the pairs, N query slots at even offsets
 
+    def answer_tokens(self) -> range:
+        return range(self.params.vocab_size // 2, self.params.vocab_size)  # the values
+
     def batch(self, n: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:
         self.check_split(split)
         self.check_seq_len(seq_len)
@@ -202,6 +205,9 @@ class Induction(Task):
     def min_seq_len(self) -> int:
         return 2 * pairs_for_space(self.num_keys) + 2
 
+    def answer_tokens(self) -> range:
+        return range(1 + self.num_keys, 1 + self.num_keys + self.num_values)  # the values
+
     def batch(self, n: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:
         self.check_split(split)
         self.check_seq_len(seq_len)
@@ -279,6 +285,9 @@ class NoisyRecall(Task):
 
     def min_seq_len(self) -> int:
         return 2 * pairs_for_space(self.num_keys) + 1
+
+    def answer_tokens(self) -> range:
+        return range(1 + self.num_keys, 1 + self.num_keys + self.num_values)  # the values
 
     def batch(self, n: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:
         self.check_split(split)
@@ -371,6 +380,9 @@ class FuzzyRecall(Task):
     def min_seq_len(self) -> int:
         distinct_keys = sum(math.perm(self.num_keys, s) for s in range(1, self.params.k_motif_size + 1))
         return (pairs_for_space(distinct_keys) + 1) * self.width - 1
+
+    def answer_tokens(self) -> range:
+        return range(1 + self.num_keys, 1 + self.num_keys + self.num_values)  # the value tokens
 
     def batch(self, n: int, seq_len: int, generator: torch.Generator, split: str = "train") -> Batch:
         self.check_split(split)

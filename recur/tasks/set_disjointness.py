@@ -71,6 +71,9 @@ class SetDisjointness(Task):
     def min_seq_len(self) -> int:
         return self._layout_len(self.params.size_a + self.params.size_b)
 
+    def answer_tokens(self) -> range:
+        return range(FIRST_SET_TOKEN, self.params.vocab_size)  # the set tokens
+
     def set_sizes(self, seq_len: int) -> tuple[int, int]:
         """(|A|, |B|) used at ``seq_len``."""
         p = self.params

@@ -5,10 +5,10 @@
 
 A checkpoint holds the model's parameters, the optimiser's and scheduler's states, every random
 stream (the data streams' positions: the generators' states, and torch's global one), the step,
-the early-stop window and each training method's memory (e.g. the carried state). Tensors go to
-``tensors.safetensors``, the rest to ``meta.json``. It is written to a temporary folder that is
-renamed into place, then ``LATEST`` is replaced atomically, so a process killed at any moment
-leaves the previous checkpoint intact.
+the early-stop window, the loss curve so far and each training method's memory (e.g. the carried
+state). Tensors go to ``tensors.safetensors``, the rest to ``meta.json``. It is written to a
+temporary folder that is renamed into place, then ``LATEST`` is replaced atomically, so a process
+killed at any moment leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def save(trainer, directory: str | Path) -> Path:
         "format": _FORMAT, "config_hash": config_hash(trainer.cfg), "config": json.loads(trainer.cfg.full_json()),
         "step": trainer.step, "window": list(trainer.window), "early_stopped": trainer.early_stopped,
         "seq_len": trainer.seq_len, "optimizer": opt_meta, "scheduler": trainer.sched.state_dict(), "methods": methods,
+        "curve": trainer.curve_state(),
     }
     name = f"step-{trainer.step:08d}"
     tmp = directory / f".{name}.tmp"
@@ -159,3 +160,4 @@ def load(trainer, directory: str | Path) -> None:
     trainer.seq_len = meta["seq_len"]
     trainer.window = deque((tuple(w) for w in meta["window"]), maxlen=trainer.cfg.optim.early_stop_window)
     trainer.early_stopped = meta["early_stopped"]
+    trainer.load_curve_state(meta.get("curve"))

@@ -21,7 +21,7 @@ from collections import deque
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -57,6 +57,11 @@ class RunResult(BaseModel):
     train_accuracy: float  # idem
     early_stopped: bool
     recur_version: str = recur.__version__
+    # The training-loss curve: (step, mean loss over the steps since the previous point, seconds of
+    # training at the end of that step). Points: step 1, every ``curve_every(steps)``-th step, the last
+    # step. Step 1's seconds are the one-off warm-up (kernel compilation or cache loading, first
+    # allocations): the last point's seconds minus the first's is the training time without it.
+    curve: list[tuple[int, float, float]] = Field(default_factory=list)
 
     def summary(self) -> dict:
         """The stable JSON of `recur run --json`."""
@@ -150,12 +155,17 @@ def evaluate(model: Architecture, task: Task, cfg: RunConfig, device) -> dict[st
         sums: dict[str, float] = {}
         for _ in range(cfg.eval.batches):
             batch = task.batch(cfg.optim.batch_size, length, gen, split="test").to(device)
-            out = model(batch.inputs)
+            out = model(batch.inputs, **batch.model_inputs())
             for k, v in task.score(model.position_logits(out, batch), batch).items():
                 sums[k] = sums.get(k, 0.0) + v
         metrics[str(length)] = {k: v / cfg.eval.batches for k, v in sums.items()}
     model.train()
     return metrics
+
+
+def curve_every(steps: int) -> int:
+    """The spacing of the recorded loss curve: about 200 points whatever the step budget."""
+    return max(1, steps // 200)
 
 
 def _progress(enabled: bool) -> Progress:
@@ -196,6 +206,10 @@ class Trainer:
         self.step = 0
         self.window: deque[tuple[float, float]] = deque(maxlen=cfg.optim.early_stop_window)
         self.early_stopped = False
+        self.curve: list[tuple[int, float, float]] = []  # see RunResult.curve; saved in checkpoints
+        self.curve_pending = [0.0, 0]  # loss sum and count of the steps since the last curve point
+        self.curve_seconds = 0.0  # training seconds before this process (a resumed run's earlier part)
+        self._curve_clock: float | None = None  # when this process started training
         for m in self.methods:
             m.setup(self)
 
@@ -218,13 +232,15 @@ class Trainer:
 
     def forward_backward(self, batch: Batch, init: State | None) -> tuple[torch.Tensor, ModelOutput]:
         """The default passes: one forward over the batch, one backward of its loss."""
-        out = self.model(batch.inputs, init)
+        out = self.model(batch.inputs, init, **batch.model_inputs())
         loss = self.compute_loss(out, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         return loss, out
 
     def train_step(self) -> tuple[float, float]:
+        if self._curve_clock is None:
+            self._curve_clock = time.perf_counter()
         self.step += 1
         for m in self.methods:
             m.schedule(self, self.step)
@@ -244,7 +260,37 @@ class Trainer:
             m.step_end(self, out)
         acc = self.train_task.score(self.model.position_logits(out, batch).detach(), batch)["accuracy"]
         self.window.append((loss.item(), acc))
+        self._record_curve(loss.item())
         return loss.item(), acc
+
+    def curve_state(self) -> dict:
+        """The loss curve so far, for a checkpoint (its seconds include this process's training time)."""
+        seconds = self.curve_seconds
+        if self._curve_clock is not None:
+            seconds += time.perf_counter() - self._curve_clock
+        return {"points": [list(p) for p in self.curve], "pending": list(self.curve_pending), "seconds": seconds}
+
+    def load_curve_state(self, state: dict | None) -> None:
+        """Restore ``curve_state()`` (None: a checkpoint written before curves were kept, which resumes
+        with the curve empty up to its step)."""
+        if state is None:
+            return
+        self.curve = [(int(s), float(l), float(t)) for s, l, t in state["points"]]
+        self.curve_pending = [float(state["pending"][0]), int(state["pending"][1])]
+        self.curve_seconds, self._curve_clock = float(state["seconds"]), None
+
+    def _record_curve(self, loss: float, last: bool = False) -> None:
+        """Add this step's loss to the curve's pending interval; close the interval into a point at
+        step 1, every ``curve_every`` steps and at the budget's last step (``last``: an early stop)."""
+        if not last:
+            self.curve_pending[0] += loss
+            self.curve_pending[1] += 1
+        every = curve_every(self.cfg.optim.steps)
+        due = self.step == 1 or self.step % every == 0 or self.step == self.cfg.optim.steps or last
+        if due and self.curve_pending[1] and (not self.curve or self.curve[-1][0] != self.step):
+            seconds = self.curve_seconds + time.perf_counter() - self._curve_clock
+            self.curve.append((self.step, self.curve_pending[0] / self.curve_pending[1], round(seconds, 4)))
+            self.curve_pending = [0.0, 0]
 
     def _saturated(self) -> bool:
         rule = self.cfg.optim.early_stop
@@ -266,6 +312,8 @@ class Trainer:
                 loss, acc = self.train_step()
                 bar.update(job, advance=1, loss=loss, acc=acc)
                 self.early_stopped = self._saturated()
+                if self.early_stopped:
+                    self._record_curve(loss, last=True)
                 if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.early_stopped
                                               or self.step == cfg.optim.steps):
                     checkpoint.save(self, self.checkpoint_dir)
@@ -287,6 +335,7 @@ class Trainer:
             train_loss=sum(l for l, _ in self.window) / max(1, len(self.window)),
             train_accuracy=sum(a for _, a in self.window) / max(1, len(self.window)),
             early_stopped=self.early_stopped,
+            curve=self.curve,
         )
 
 

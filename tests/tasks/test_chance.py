@@ -1,0 +1,39 @@
+"""Every task's chance level (``Task.chance``) is honest: every supervised target (and every
+acceptable answer) lies in ``answer_tokens()``, and guessing uniformly among those tokens scores it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recur.tasks import get_task, list_tasks
+
+TASK_ARGS = {"mqar": {"vocab_size": 64, "num_kv_pairs": 4}, "set_disjointness": {"vocab_size": 64}}
+SEQ_LEN = {"copy": 40, "fuzzy_recall": 64, "passkey": 40, "set_disjointness": 32}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in list_tasks() if not n.startswith("harness_")))  # the library's tasks
+def test_targets_lie_in_the_answer_tokens_and_uniform_guessing_scores_the_chance_level(name):
+    task = get_task(name, **TASK_ARGS.get(name, {}))
+    seq_len = max(SEQ_LEN.get(name, 32), task.min_seq_len())
+    batch = task.batch(256, seq_len, torch.Generator().manual_seed(0), split="test")
+    answers = task.answer_tokens()
+    targets = batch.targets[batch.mask]
+    assert ((targets >= answers.start) & (targets < answers.stop)).all()
+    if batch.valid is not None:
+        outside = torch.ones(task.vocab_size, dtype=torch.bool)
+        outside[answers.start:answers.stop] = False
+        assert not batch.valid[batch.mask][:, outside].any()
+    chance = task.chance(seq_len)
+    assert 0 < chance < 1
+    if batch.valid is None:
+        assert chance == pytest.approx(1 / len(answers))
+    # guess uniformly among the answer tokens, many times: the mean accuracy is the chance level
+    gen = torch.Generator().manual_seed(1)
+    scores = []
+    for _ in range(20):
+        logits = torch.full((*batch.targets.shape, task.vocab_size), -1.0)
+        logits[..., answers.start:answers.stop] = torch.rand(*batch.targets.shape, len(answers), generator=gen)
+        scores.append(task.score(logits, batch)["accuracy"])
+    mean = sum(scores) / len(scores)
+    assert mean == pytest.approx(chance, abs=max(0.01, 0.15 * chance))
