@@ -533,3 +533,30 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
         count(Path(d))
+
+
+# ---------------------------------------------------------------- architecture sizes and the Trainer
+@pytest.mark.parametrize("kwargs,phrase", [
+    (dict(d_model="16"), "d_model must be a positive int, got '16'"),
+    (dict(d_model=0), "d_model must be a positive int, got 0"),
+    (dict(mlp_ratio=0), "mlp_ratio must be a finite number > 0"),
+    (dict(mlp_ratio=float("nan")), "mlp_ratio must be a finite number > 0"),
+])
+@pytest.mark.parametrize("arch", ["causal_lm", "looped_lm", "encoder"])
+def test_bad_architecture_sizes_are_named(arch, kwargs, phrase):
+    from recur import ARCHITECTURES
+
+    options = {**dict(vocab_size=8, d_model=16, n_layers=1, pattern="gla"), **kwargs}
+    with pytest.raises(ValueError) as info:
+        ARCHITECTURES.get(arch).cls(**options)
+    assert phrase in str(info.value)
+
+
+def test_the_trainer_takes_a_config_dict_and_names_anything_else():
+    from recur.training import Trainer
+
+    trainer = Trainer(dict(task="harness_shift", model="elman", d_model=8, n_layers=1, seq_len=8, steps=1,
+                           batch_size=2, mlp=None, device="cpu"), progress=False)
+    assert trainer.cfg.model.mixer == "elman"
+    with pytest.raises(TypeError, match="RunConfig"):
+        Trainer(["task", "parity"], progress=False)

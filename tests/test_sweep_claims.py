@@ -118,17 +118,23 @@ def test_the_lease_is_renewed_while_a_run_trains(db, monkeypatch):
 
 def test_two_concurrent_sweeps_over_one_store_train_every_run_exactly_once(tmp_path):
     runs = 6
-    grid = _sweep_file(tmp_path / "grid.yaml", runs, steps=200)
+    # runs of a few seconds each: long enough that the second sweep starts before the first is done
+    grid = _sweep_file(tmp_path / "grid.yaml", runs, steps=1500)
     db = tmp_path / "runs.sqlite"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)]), "OMP_NUM_THREADS": "1"}
     procs = []
-    for name, workers in (("a", 1), ("b", 2)):  # in-process first: it starts training sooner
+    # the sweep with worker processes first, the in-process one (which starts training sooner) once
+    # the first is about to train: both then train while the other does, whatever the machine's load
+    for name, workers in (("b", 2), ("a", 1)):
         log = tmp_path / f"{name}.log"
         with open(log, "w") as err:
             procs.append((log, subprocess.Popen(
                 [sys.executable, "-c", "import sys; from recur.cli import main; sys.exit(main(sys.argv[1:]))",
                  "sweep", str(grid), "--db", str(db), "--workers", str(workers)],
                 env=env, stdout=subprocess.DEVNULL, stderr=err)))
+        deadline = time.monotonic() + 120
+        while name == "b" and "running" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
     logs = []
     for log, proc in procs:
         rc = proc.wait(timeout=600)

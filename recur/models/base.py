@@ -204,6 +204,15 @@ class Generator:
         return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt.clone()
 
 
+def check_sizes(d_model, mlp_ratio=4.0) -> None:
+    """The sizes every architecture shares: d_model an int >= 1, mlp_ratio a finite number > 0."""
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
+        raise ValueError(f"d_model must be a positive int, got {d_model!r}")
+    if (isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not math.isfinite(mlp_ratio)
+            or mlp_ratio <= 0):
+        raise ValueError(f"mlp_ratio must be a finite number > 0 (the channel mixer's width over d_model), got {mlp_ratio!r}")
+
+
 def left_padding_resets(attention_mask: torch.Tensor, prompt: torch.Tensor, state: State | None) -> torch.Tensor:
     """The resets that start each row at its first real token of a left-padded prompt."""
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(prompt.shape):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, Generator, ModelOutput, check_tokens
+from recur.models.base import Architecture, Generator, ModelOutput, check_sizes, check_tokens
 from recur.models.blocks import Backbone
 from recur.registry import ARCHITECTURES
 from recur.state import State
@@ -37,6 +37,7 @@ class CausalLM(Generator, Architecture):
         super().__init__()
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_sizes(d_model, mlp_ratio)
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)

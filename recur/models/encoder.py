@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, ModelOutput, check_tokens
+from recur.models.base import Architecture, ModelOutput, check_sizes, check_tokens
 from recur.models.blocks import Backbone
 from recur.registry import ARCHITECTURES
 from recur.state import State
@@ -56,6 +56,7 @@ class Encoder(Architecture):
         n_classes = vocab_size if n_classes is None else n_classes
         if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
             raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
+        check_sizes(d_model, mlp_ratio)
         self.vocab_size, self.n_classes, self.head_kind, self.pool = vocab_size, n_classes, head, pool
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)

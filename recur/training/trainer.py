@@ -184,6 +184,10 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, progress: bool = True, checkpoint_dir: str | Path | None = None,
                  checkpoint_every: int | None = None, resume: bool = False):
+        if isinstance(cfg, dict):  # a config as a dict (nested or flat keys), validated like a file's
+            cfg = RunConfig.model_validate(cfg)
+        if not isinstance(cfg, RunConfig):
+            raise TypeError(f"Trainer needs a recur.config.RunConfig (or a dict of one), got {type(cfg).__name__}")
         if checkpoint_every is not None and checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
         if (checkpoint_every or resume) and checkpoint_dir is None:
