@@ -17,8 +17,8 @@ Every mixer gets packing from the base class (``Mixer.forward``): the generic pa
 the time axis at every position where some row starts a document, runs the mixer on each piece
 with the carried state, and swaps in the initial state for the rows that start a document there
 (``reset_rows``). It is exact for any mixer that obeys the state-carry contract; its cost is one
-call per distinct boundary position in the batch. Mixers with a cheaper exact form override
-``Mixer._forward_packed``: a linear recurrence sets its decay to zero (log decay -inf) at a
+call per distinct boundary position in the batch. Mixers with a cheaper exact form set
+``native_packing`` and take ``resets`` in ``_forward``: a linear recurrence sets its decay to zero (log decay -inf) at a
 reset, attention masks keys outside the query's document (block-diagonal causal mask), a token
 shift or short convolution zeroes the inputs from before the document.
 """
@@ -104,16 +104,6 @@ def hard_reset(log_decay: torch.Tensor | None, resets: torch.Tensor | None, time
     return log_decay.masked_fill(resets.view(shape), float("-inf"))
 
 
-def same_document(resets: torch.Tensor, lag: int) -> torch.Tensor:
-    """bool [batch, time]: position t - lag is in t's document (False where it is before the call
-    and t's document started in it). For causal convolutions and token shifts."""
-    doc = resets.cumsum(dim=1)  # documents started in this call up to t
-    if lag == 0:
-        return torch.ones_like(resets)
-    earlier = torch.nn.functional.pad(doc, (lag, 0))[:, : doc.shape[1]]  # doc id at t - lag (0 before the call)
-    return doc == earlier
-
-
 def document_start(resets: torch.Tensor, positions: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """Per query, the absolute position where its document starts: [batch, time] int64.
 
@@ -123,4 +113,4 @@ def document_start(resets: torch.Tensor, positions: torch.Tensor, start: torch.T
     return torch.maximum(marked.cummax(dim=1).values, start[:, None])
 
 
-__all__ = ["boundaries", "check_resets", "document_start", "hard_reset", "reset_rows", "run_segments", "same_document"]
+__all__ = ["boundaries", "check_resets", "document_start", "hard_reset", "reset_rows", "run_segments"]
