@@ -504,6 +504,112 @@ def scaling_case(machine: Machine, quick: bool) -> list[Result]:
     return rows
 
 
+def measure_interleaved(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median wall time of each of ``fns``, run in turn (a, b, a, b, ...) after two warm-up rounds.
+
+    For ratios on a shared machine: a burst of load from another process slows both sides of a
+    round alike instead of whichever side happened to be running alone."""
+    for _ in range(2):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+# (recur pattern, baseline, target ratio, CausalLM options): the slowest recur may be against its
+# plain model. The LSTM LM of torch has no MLP, recur's default block has a SwiGLU one (about
+# half its parameters and time at this size): "lstm_no_mlp" is the like-for-like comparison.
+LAB_FAMILIES: tuple[tuple[str, str, float, dict[str, Any]], ...] = (
+    ("attention", "gpt", 1.1, {}), ("lstm", "lstm", 1.1, {}), ("lstm", "lstm", 1.1, {"mlp": None}),
+    ("mingru", "gpt", 1.5, {}), ("lru", "gpt", 1.5, {}), ("gla", "gpt", 1.5, {}), ("deltanet", "gpt", 1.5, {}),
+    ("mamba", "gpt", 1.5, {}),
+)
+LAB_BASELINES = {"gpt": "plain SDPA GPT (nanoGPT)", "lstm": "torch.nn.LSTM LM"}
+
+
+def lab_training_step(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                      logits: Callable[[torch.Tensor], torch.Tensor], losses: list[float]) -> Callable[[], None]:
+    """One training step per call, as recur's Trainer takes it: forward, cross-entropy over every
+    position, backward, clip_grad_norm_(1.0), AdamW (betas (0.9, 0.95), weight decay 0.1 on
+    matrices only, lr 3e-3 as the bench suite). Cycles through ``batches``; appends each loss."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    keep = [p for p in model.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": keep, "weight_decay": 0.0}],
+                            lr=3e-3, betas=(0.9, 0.95))
+    step = [0]
+
+    def run():
+        inputs, targets = batches[step[0] % len(batches)]
+        step[0] += 1
+        out = logits(inputs)
+        loss = torch.nn.functional.cross_entropy(out.flatten(0, 1), targets.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+
+    return run
+
+
+def lab_step_rows(B: int, T: int, d_model: int, n_layers: int, vocab: int, repeats: int,
+                  families: Iterable[tuple[str, str, float, dict[str, Any]]] = LAB_FAMILIES) -> list[Result]:
+    """One Result per family: the median training step of recur's CausalLM(pattern=family) against
+    its plain PyTorch model (recur.baselines) of the same d_model and layers, interleaved step by
+    step on the same batches; ``extra`` holds both sides' parameter counts and first/last losses."""
+    from recur import CausalLM
+    from recur.baselines import SDPAGPT, TorchLSTMLM, n_params
+
+    tokens = torch.randint(0, vocab, (4, B, T + 1), generator=_g(51))
+    batches = [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+    shape = f"B={B} T={T} d={d_model} L={n_layers} V={vocab}"
+    rows = []
+    for pattern, base_name, ratio, options in families:
+        torch.manual_seed(0)
+        ours = CausalLM(vocab, d_model, n_layers, pattern=pattern, **options)
+        torch.manual_seed(0)
+        if base_name == "lstm":
+            base = TorchLSTMLM(vocab, d_model, n_layers)
+        else:
+            heads = getattr(ours.mixers[0], "n_heads", None) if pattern == "attention" else None
+            base = SDPAGPT(vocab, d_model, n_layers, n_heads=heads or max(1, d_model // 32), max_len=T)
+        ours_losses: list[float] = []
+        base_losses: list[float] = []
+        ours_s, base_s = measure_interleaved(
+            [lab_training_step(ours, batches, lambda x, m=ours: m(x).logits, ours_losses),
+             lab_training_step(base, batches, base, base_losses)], repeats)
+        r = Result(lab_step_name(pattern, options), shape, "train step", ours_s, LAB_BASELINES[base_name], base_s,
+                   base_s / ours_s, target=f"step within {ratio}x of {LAB_BASELINES[base_name]}",
+                   extra={"params_ours": n_params(ours), "params_baseline": n_params(base),
+                          "modes": sorted({m.mode for m in ours.mixers}),
+                          "loss_ours": [round(ours_losses[0], 4), round(ours_losses[-1], 4)],
+                          "loss_baseline": [round(base_losses[0], 4), round(base_losses[-1], 4)]})
+        r.met = r.speedup >= 1 / ratio
+        rows.append(r)
+    return rows
+
+
+def lab_step_name(pattern: str, options: dict[str, Any]) -> str:
+    return f"lab_step_{pattern}" + ("_no_mlp" if options.get("mlp", "swiglu") is None else "")
+
+
+@case("lab_step")
+def lab_step_case(machine: Machine, quick: bool) -> list[Result]:
+    """Issue 13: the training step at lab sizes (batch 32, length 64, d_model 64, 2 layers, vocab
+    256; full runs add d_model 128 at length 256) of recur's CausalLM per family against plain
+    PyTorch: nanoGPT's SDPA transformer for attention (target within 1.1x) and for every other
+    family of the bench suite and mamba (within 1.5x), a torch.nn.LSTM LM for lstm (within 1.1x)."""
+    rows = lab_step_rows(32, 64, 64, 2, 256, repeats=5 if quick else 20)
+    if not quick:
+        rows += lab_step_rows(32, 256, 128, 2, 256, repeats=7)
+    return rows
+
+
 # ------------------------------------------------------------------------------ running
 def run(only: Iterable[str] | None = None, quick: bool = False, threads: int | None = None,
         on_case: Callable[[str], None] | None = None) -> dict[str, Any]:

@@ -267,6 +267,31 @@ class LSTM(_TorchLayoutCell):
                 self.bias_ih[:, forget] = forget_bias
                 self.bias_hh[:, forget] = 0.0
 
+    def _forward(self, x, state):
+        if self._torch_kernel_applies(x):
+            return self._forward_torch(x, state)
+        return super()._forward(x, state)
+
+    def _torch_kernel_applies(self, x: torch.Tensor) -> bool:
+        """True where torch's own fused LSTM (``torch.lstm``, what torch.nn.LSTM calls; oneDNN's RNN
+        primitive for CPU float32) computes this layer: dense W_hh (n_heads = 1), a CPU tensor of
+        float32 or float64, outside torch.compile's tracing. The layer is in torch's layout, so the
+        equations are the same; head-wise layers, 16-bit floats and compiled graphs take our loop.
+        Packed input reaches it per segment (the base class cuts the call at each reset)."""
+        return (self.n_heads == 1 and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and not torch.compiler.is_compiling())
+
+    def _forward_torch(self, x, state):
+        # torch's flat weights, layer by layer and direction by direction: views of ours, so the
+        # gradients flow into weight_ih / weight_hh / bias_ih / bias_hh
+        flat = [t for k in range(self.num_layers * self.num_directions)
+                for t in (self.weight_ih[k], self.weight_hh[k, 0], self.bias_ih[k], self.bias_hh[k])]
+        hx = (state["h"].transpose(0, 1).contiguous(), state["c"].transpose(0, 1).contiguous())
+        # train: keep oneDNN's workspace for a backward (its inference kind has none); no dropout
+        y, h, c = torch.lstm(x, hx, flat, True, self.num_layers, 0.0, torch.is_grad_enabled(),
+                             self.bidirectional, True)
+        return y, State(h=h.transpose(0, 1), c=c.transpose(0, 1))
+
     def _loop(self, u, w_hh, b_hh, h, c):
         ys, h, c = lstm_sequence(u, w_hh, h, c, overwrite_u=True)  # b_hh is folded into u
         return ys, (h, c)

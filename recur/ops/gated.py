@@ -303,9 +303,9 @@ def _chunked(q, k, v, g, S, chunk_size: int, before: bool, u):
         # _intra_scores): e^{cq} and e^{-c} serve the intra-chunk scores, the state update
         # (e^{c_last - c} = e^{c_last} e^{-c}) and the read of the entering state alike.
         q_dec, k_inv, k_end, c_last = _factored_decays(q, k, g, before)
-        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1 if before else 0)
-        # in place: the matmul's backward does not read its output
-        scores = (q_dec @ k_inv.transpose(-1, -2)).masked_fill_(~causal, 0.0)
+        # in place: the matmul's backward does not read its output; tril_'s backward is one
+        # pass (grad.tril), a masked_fill_'s a copy and a fill
+        scores = (q_dec @ k_inv.transpose(-1, -2)).tril_(-1 if before else 0)
     else:
         # log decay from the chunk start through step i (inclusive), with n the count of resets
         # (None without any: see ``reset_cumsum``)

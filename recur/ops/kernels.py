@@ -88,4 +88,9 @@ def _block(rows: int, channels: int, cap: int | None = None) -> int:
 
 
 def _set_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    n = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != n:
+        # numba's OpenMP pool, started on its first use, calls omp_set_num_threads(NUMBA_NUM_THREADS),
+        # which can resolve to torch's libgomp: torch.set_num_threads(1) silently became 2 (measured).
+        torch.set_num_threads(n)
