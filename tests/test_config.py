@@ -12,16 +12,39 @@ from pydantic import Field
 from recur.config import OptimConfig, RunConfig, Section, SweepConfig, config_hash, to_nested
 
 # Configs whose names must never change: a change here makes every store forget its finished runs.
+# They were run with the head tied to the embedding and stopped the moment the early-stop rule held,
+# the defaults until 0.4: written with the new defaults they say so (model.tie_embeddings: true,
+# optim.early_stop_patience: 0) and keep their names.
 GOLDEN = [
-    (dict(task="mqar", model="gla", task_args={"b": 1, "a": [1, 2]}), "9bf78d2968a24a97"),
+    (dict(task="mqar", model={"mixer": "gla", "tie_embeddings": True}, task_args={"b": 1, "a": [1, 2]},
+          early_stop_patience=0),
+     "9bf78d2968a24a97"),
     (dict(task={"name": "parity", "seq_len": 16}, model={"mixer": "lstm", "d_model": 32, "n_layers": 1,
-                                                          "block": {"mlp": None}}, optim={"lr": 3e-3, "steps": 1500}),
+                                                          "block": {"mlp": None}, "tie_embeddings": True},
+          optim={"lr": 3e-3, "steps": 1500, "early_stop_patience": 0}),
      "b206d863eca4e31d"),
-    (dict(task="parity", model={"arch": "looped_lm", "mixer": "gla", "args": {"n_loops": 3}},
-          training=["state_noise", {"name": "tbptt", "k1": 16}]), "dfbeca0c8ea12f4b"),
-    (dict(task="mqar", model=["mamba", "swa"], model_args={"swa": {"window": 32}}, seed=3, eval_lengths=[64, 512]),
+    (dict(task="parity", model={"arch": "looped_lm", "mixer": "gla", "args": {"n_loops": 3}, "tie_embeddings": True},
+          training=["state_noise", {"name": "tbptt", "k1": 16}], early_stop_patience=0), "dfbeca0c8ea12f4b"),
+    (dict(task="mqar", model={"mixer": ["mamba", "swa"], "tie_embeddings": True}, model_args={"swa": {"window": 32}},
+          seed=3, eval_lengths=[64, 512], early_stop_patience=0),
      "491b17788399d3ce"),
 ]
+
+
+def test_the_untied_head_default_is_a_new_run_and_builds_untied():
+    from recur.training.trainer import build
+
+    old = RunConfig(task="parity", model={"mixer": "gla", "tie_embeddings": True})
+    new = RunConfig(task="parity", model="gla")
+    assert new.model.tie_embeddings is False and config_hash(new) != config_hash(old)
+    _, untied = build(new)
+    _, tied = build(old)
+    assert untied.head.weight is not untied.embed.weight and tied.head.weight is tied.embed.weight
+    # the architecture option given the old way still wins
+    _, legacy = build(RunConfig(task="parity", model={"mixer": "gla", "args": {"tie_embeddings": True}}))
+    assert legacy.head.weight is legacy.embed.weight
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        build(RunConfig(task="parity", model={"arch": "encoder", "mixer": "gla", "tie_embeddings": True}))
 
 
 @pytest.mark.parametrize("fields,golden", GOLDEN)

@@ -34,6 +34,10 @@ class ModelOutput:
     logits: torch.Tensor
     state: State | None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Where the head was computed, when only some positions were asked for (``positions=`` of a
+    # CausalLM call): bool [batch, time], and ``logits`` is then [N, classes], the rows of
+    # ``full_logits[positions]`` in row-major order. None: ``logits`` covers every position.
+    positions: torch.Tensor | None = None
 
     # The (logits, state) pair that CausalLM returned before ModelOutput: unpacking and indexing work.
     def __iter__(self) -> Iterator[Any]:
@@ -63,15 +67,24 @@ def check_tokens(tokens: Any, vocab_size: int) -> None:
         raise ValueError(f"token ids must lie in [0, {vocab_size}), got range [{int(tokens.min())}, {int(tokens.max())}]")
 
 
-def masked_cross_entropy(logits: torch.Tensor, batch) -> torch.Tensor:
-    """Mean cross-entropy over the supervised positions (``batch.mask``)."""
+def masked_cross_entropy(logits: torch.Tensor, batch, picked: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over the supervised positions (``batch.mask``). ``picked``: ``logits``
+    holds only those positions already ([N, classes], as ``ModelOutput.positions`` describes)."""
     mask = batch.mask
     if not mask.any():
         raise ValueError("a training batch has no supervised position (mask is all False)")
-    picked = logits[mask]
+    picked = logits if picked else logits[mask]
     if picked.dtype not in (torch.float32, torch.float64):
         picked = picked.float()  # 16-bit logits: the loss in float32
     return F.cross_entropy(picked, batch.targets[mask])
+
+
+def check_positions(positions: Any, tokens: torch.Tensor) -> None:
+    """``positions`` (where a head is asked for) is a bool tensor of the tokens' shape."""
+    if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool or positions.shape != tokens.shape:
+        raise ValueError(f"positions must be a bool tensor of the tokens' shape {tuple(tokens.shape)} (True where "
+                         f"the head is computed), got {getattr(positions, 'dtype', type(positions).__name__)} "
+                         f"{tuple(getattr(positions, 'shape', ()))}")
 
 
 class Architecture(nn.Module, ABC):
@@ -79,6 +92,11 @@ class Architecture(nn.Module, ABC):
 
     name: str = "architecture"  # set by ARCHITECTURES.register
     autoregressive: bool = False  # True: stream / generate
+    # True: forward takes ``positions=`` (bool [batch, time]) and computes the head only there. The
+    # Trainer then asks for the supervised positions: tasks such as MQAR supervise a few positions
+    # of many, and at a paper's vocabulary (8192) the head and its loss over every position cost
+    # more than the rest of the model (measured: 448 against 101 ms per training step).
+    sparse_head: bool = False
     vocab_size: int
 
     # -- to implement ---------------------------------------------------------
@@ -121,12 +139,32 @@ class Architecture(nn.Module, ABC):
                 m.mode = mode
 
     def position_logits(self, out: ModelOutput, batch) -> torch.Tensor:
-        """Logits per position, [batch, time, classes], for ``task.score``."""
+        """Logits per position, [batch, time, classes] (for an output computed at every position)."""
+        if out.positions is not None:
+            raise ValueError("this output holds logits at some positions only (positions=...); "
+                             "use supervised_logits or predictions, or call the model without positions")
         return out.logits
+
+    def supervised_logits(self, out: ModelOutput, batch) -> torch.Tensor:
+        """Logits at the supervised positions, [N, classes] in row-major order (``logits[batch.mask]``)."""
+        if out.positions is None:
+            return self.position_logits(out, batch)[batch.mask]
+        if out.positions is not batch.mask and not torch.equal(out.positions, batch.mask):
+            raise ValueError("the output's logits were computed at other positions than the batch supervises")
+        return out.logits
+
+    def predictions(self, out: ModelOutput, batch) -> torch.Tensor:
+        """The predicted class per position, int64 [batch, time], for ``task.score_predictions``; with
+        ``out.positions``, positions outside it hold 0 (no task reads them: they are not supervised)."""
+        if out.positions is None:
+            return self.position_logits(out, batch).argmax(-1)
+        pred = torch.zeros(batch.mask.shape, dtype=torch.int64, device=out.logits.device)
+        pred[batch.mask] = self.supervised_logits(out, batch).argmax(-1)
+        return pred
 
     def loss(self, out: ModelOutput, batch) -> torch.Tensor:
         """The model's objective: masked cross-entropy of the head, plus its weighted auxiliary losses."""
-        loss = masked_cross_entropy(self.position_logits(out, batch), batch)
+        loss = masked_cross_entropy(self.supervised_logits(out, batch), batch, picked=True)
         for key, value in out.aux.items():
             if key.endswith("_loss"):
                 loss = loss + value
@@ -140,7 +178,20 @@ class Architecture(nn.Module, ABC):
         b = config.block
         return cls(vocab_size=vocab_size, d_model=config.d_model, n_layers=config.n_layers, pattern=config.mixer,
                    mixer_config=config.mixer_args, mlp=b.mlp, mlp_ratio=b.ratio, norm=b.norm,
-                   channel_options=b.mlp_args, **config.args)
+                   channel_options=b.mlp_args, **{**cls.tie_option(config), **config.args})
+
+    @classmethod
+    def tie_option(cls, config) -> dict[str, Any]:
+        """``model.tie_embeddings`` as a keyword of this architecture: passed where the constructor
+        takes it; elsewhere (no head shares the embedding) only False is meaningful."""
+        import inspect
+
+        if "tie_embeddings" in inspect.signature(cls.__init__).parameters:
+            return {"tie_embeddings": config.tie_embeddings}
+        if config.tie_embeddings:
+            raise ValueError(f"model.tie_embeddings=true, but architecture {cls.name!r} has no output head "
+                             "that could share the token embedding")
+        return {}
 
     @classmethod
     def example(cls, vocab_size: int, d_model: int) -> Architecture:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from recur.layers.common import positive_int
-from recur.models.base import ModelOutput, check_tokens
+from recur.models.base import ModelOutput, check_positions, check_tokens
 from recur.models.causal_lm import CausalLM
 from recur.registry import ARCHITECTURES
 from recur.state import State
@@ -34,7 +34,7 @@ class LoopedLM(CausalLM):
 
     def __init__(self, vocab_size: int, d_model: int, n_layers: int, pattern="attention",
                  mixer_config: Mapping[str, Any] | None = None, mlp: str | None = "swiglu",
-                 mlp_ratio: float = 4.0, tie_embeddings: bool = True, norm: str = "rmsnorm",
+                 mlp_ratio: float = 4.0, tie_embeddings: bool = False, norm: str = "rmsnorm",
                  channel_options: Mapping[str, Any] | None = None, shared_blocks: int | None = None,
                  n_loops: int = 2, inject: bool = True):
         super().__init__(vocab_size, d_model, n_layers, pattern, mixer_config, mlp=mlp, mlp_ratio=mlp_ratio,
@@ -64,8 +64,10 @@ class LoopedLM(CausalLM):
         return self.n_loops * self.backbone.state_size(seq_len)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None,
-                resets: torch.Tensor | None = None) -> ModelOutput:
+                resets: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> ModelOutput:
         check_tokens(tokens, self.vocab_size)
+        if positions is not None:
+            check_positions(positions, tokens)
         keys = [f"loop{j}" for j in range(self.n_loops)]
         if state is not None and (not isinstance(state, State) or set(state) != set(keys)):
             got = sorted(state) if isinstance(state, State) else type(state).__name__
@@ -77,7 +79,7 @@ class LoopedLM(CausalLM):
         for key in keys:
             z, new[key] = self.backbone(z + e if self.inject or key == "loop0" else z,
                                         None if state is None else state[key], resets=resets)
-        return ModelOutput(self.head(self.norm(z)), State(new))
+        return self.output(z, State(new), positions)
 
     @classmethod
     def example(cls, vocab_size: int, d_model: int) -> LoopedLM:

@@ -3,6 +3,7 @@
     task = recur.tasks.get_task("mqar", num_kv_pairs=8)
     inputs, targets, mask = task.batch(n, seq_len, generator, split="train")
     scores = task.score(logits, batch)      # {"accuracy": ..., "exact_match": ...}
+    scores = task.score_predictions(pred, batch)   # the same from argmax predictions [n, seq_len]
     task.chance(seq_len)                    # the accuracy of guessing uniformly among the answer tokens
 
 * ``inputs``, ``targets``: int64 [n, seq_len]; ``mask``: bool [n, seq_len], True where the
@@ -118,7 +119,11 @@ class Task(ABC):
         With ``batch.valid`` (several acceptable answers), a prediction is right when it is
         any acceptable token.
         """
-        pred = logits.argmax(-1)
+        return self.score_predictions(logits.argmax(-1), batch)
+
+    def score_predictions(self, pred: torch.Tensor, batch: Batch) -> dict[str, float]:
+        """``score`` from the predicted class per position (int64 [n, seq_len]; only the supervised
+        positions are read)."""
         if batch.valid is not None:
             right = batch.valid.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
         else:

@@ -83,6 +83,7 @@ def save(trainer, directory: str | Path) -> Path:
     meta = {
         "format": _FORMAT, "config_hash": config_hash(trainer.cfg), "config": json.loads(trainer.cfg.full_json()),
         "step": trainer.step, "window": list(trainer.window), "early_stopped": trainer.early_stopped,
+        "saturated_at": trainer.saturated_at,
         "seq_len": trainer.seq_len, "optimizer": opt_meta, "scheduler": trainer.sched.state_dict(), "methods": methods,
         "curve": trainer.curve_state(),
     }
@@ -160,4 +161,5 @@ def load(trainer, directory: str | Path) -> None:
     trainer.seq_len = meta["seq_len"]
     trainer.window = deque((tuple(w) for w in meta["window"]), maxlen=trainer.cfg.optim.early_stop_window)
     trainer.early_stopped = meta["early_stopped"]
+    trainer.saturated_at = meta.get("saturated_at")  # absent in checkpoints from before the patience rule
     trainer.load_curve_state(meta.get("curve"))

@@ -145,6 +145,15 @@ def _generator(seed: int, *salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(value)
 
 
+def head_inputs(model: Architecture, batch: Batch) -> dict:
+    """Keyword arguments of a model call on a whole batch: its resets, and the supervised positions
+    as ``positions`` when the model computes its head only where asked (``sparse_head``): the loss and
+    the scores read nothing else, so they are the same, at a fraction of the cost when few positions
+    are supervised."""
+    extra = {"positions": batch.mask} if model.sparse_head else {}
+    return {**batch.model_inputs(), **extra}
+
+
 @torch.no_grad()
 def evaluate(model: Architecture, task: Task, cfg: RunConfig, device) -> dict[str, dict[str, float]]:
     """Mean ``task.score`` over ``cfg.eval.batches`` test batches at every eval length (zero initial state)."""
@@ -155,8 +164,8 @@ def evaluate(model: Architecture, task: Task, cfg: RunConfig, device) -> dict[st
         sums: dict[str, float] = {}
         for _ in range(cfg.eval.batches):
             batch = task.batch(cfg.optim.batch_size, length, gen, split="test").to(device)
-            out = model(batch.inputs, **batch.model_inputs())
-            for k, v in task.score(model.position_logits(out, batch), batch).items():
+            out = model(batch.inputs, **head_inputs(model, batch))
+            for k, v in task.score_predictions(model.predictions(out, batch), batch).items():
                 sums[k] = sums.get(k, 0.0) + v
         metrics[str(length)] = {k: v / cfg.eval.batches for k, v in sums.items()}
     model.train()
@@ -210,6 +219,7 @@ class Trainer:
         self.step = 0
         self.window: deque[tuple[float, float]] = deque(maxlen=cfg.optim.early_stop_window)
         self.early_stopped = False
+        self.saturated_at: int | None = None  # the step at which the early-stop rule first held
         self.curve: list[tuple[int, float, float]] = []  # see RunResult.curve; saved in checkpoints
         self.curve_pending = [0.0, 0]  # loss sum and count of the steps since the last curve point
         self.curve_seconds = 0.0  # training seconds before this process (a resumed run's earlier part)
@@ -236,7 +246,7 @@ class Trainer:
 
     def forward_backward(self, batch: Batch, init: State | None) -> tuple[torch.Tensor, ModelOutput]:
         """The default passes: one forward over the batch, one backward of its loss."""
-        out = self.model(batch.inputs, init, **batch.model_inputs())
+        out = self.model(batch.inputs, init, **head_inputs(self.model, batch))
         loss = self.compute_loss(out, batch)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -262,8 +272,11 @@ class Trainer:
         self.sched.step()
         for m in self.methods:
             m.step_end(self, out)
-        acc = self.train_task.score(self.model.position_logits(out, batch).detach(), batch)["accuracy"]
+        with torch.no_grad():
+            acc = self.train_task.score_predictions(self.model.predictions(out, batch), batch)["accuracy"]
         self.window.append((loss.item(), acc))
+        if self.saturated_at is None and self._saturated():
+            self.saturated_at = self.step  # part of the step's state (checkpoints keep it)
         self._record_curve(loss.item())
         return loss.item(), acc
 
@@ -301,6 +314,10 @@ class Trainer:
         return (rule is not None and len(self.window) == self.window.maxlen
                 and sum(a for _, a in self.window) / len(self.window) >= rule)
 
+    def _should_stop(self) -> bool:
+        """The early stop: ``early_stop_patience`` steps after the rule first held (``_saturated``)."""
+        return self.saturated_at is not None and self.step >= self.saturated_at + self.cfg.optim.patience_steps()
+
     # -------------------------------------------------------------- the run
     def fit(self) -> RunResult:
         from recur.training import checkpoint
@@ -315,7 +332,7 @@ class Trainer:
             while self.step < cfg.optim.steps and not self.early_stopped:
                 loss, acc = self.train_step()
                 bar.update(job, advance=1, loss=loss, acc=acc)
-                self.early_stopped = self._saturated()
+                self.early_stopped = self._should_stop()
                 if self.early_stopped:
                     self._record_curve(loss, last=True)
                 if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.early_stopped

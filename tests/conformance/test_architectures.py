@@ -167,6 +167,42 @@ def test_loss_is_the_heads_and_reaches_every_parameter(name):
     assert scored.shape[:2] == (B, T)
 
 
+@pytest.mark.parametrize("name", [n for n in ARCHS if ARCHITECTURES.get(n).cls.sparse_head])
+def test_the_head_at_supervised_positions_equals_the_full_head(name):
+    """``positions=`` (what the Trainer passes) computes the head where the task supervises: the loss,
+    its gradient, the predictions and the state equal those of the full head, in float64."""
+    from recur.training.trainer import head_inputs
+
+    model = make(name)
+    x = tokens()
+    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(6)) < 0.3
+    mask[0] = False  # a row with nothing supervised
+    mask[1, 0] = mask[1, -1] = True  # the first and last positions
+    batch = Batch(x, torch.randint(V, (B, T), generator=torch.Generator().manual_seed(7)), mask)
+    full, picked = model(x), model(x, **head_inputs(model, batch))
+    assert picked.positions is mask and picked.logits.shape == (int(mask.sum()), V)
+    close(picked.logits, full.logits[mask], "logits at the supervised positions")
+    for (ka, a), (kb, b) in zip(picked.state.tensors(), full.state.tensors()):
+        assert ka == kb
+        close(a, b, f"state {ka}")
+    assert torch.equal(model.predictions(picked, batch)[mask], model.predictions(full, batch)[mask])
+    grads = []
+    for out in (full, model(x, **head_inputs(model, batch))):
+        model.zero_grad()
+        model.loss(out, batch).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    close(model.loss(picked, batch), model.loss(full, batch), "loss")
+    for a, b in zip(*grads):
+        close(a, b, "gradient")
+    with pytest.raises(ValueError, match="positions"):
+        model.position_logits(picked, batch)
+    with pytest.raises(ValueError, match="positions"):
+        model(x, positions=mask[:, :-1])
+    other = Batch(x, batch.targets, ~mask)
+    with pytest.raises(ValueError, match="other positions"):
+        model.loss(picked, other)
+
+
 @pytest.mark.parametrize("name", ARCHS)
 def test_a_wrong_state_is_a_clear_error(name):
     model = make(name)

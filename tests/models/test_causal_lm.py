@@ -75,9 +75,9 @@ def test_stream_yields_one_token_per_step_with_constant_state():
 
 
 def test_tied_and_untied_heads():
-    tied = lm_for("elman")
+    tied = lm_for("elman", tie_embeddings=True)
     assert tied.head.weight is tied.embed.weight
-    untied = lm_for("elman", tie_embeddings=False)
+    untied = lm_for("elman")  # the default
     assert untied.head.weight is not untied.embed.weight
     assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in tied.parameters()) + V * 16
 

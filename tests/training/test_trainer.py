@@ -52,6 +52,30 @@ def test_train_learns_a_tiny_task_and_reports_every_length():
     assert result.seconds > 0 and result.train_seq_len == 8
 
 
+def test_the_early_stop_waits_its_patience_after_the_rule_first_holds(monkeypatch):
+    """The run stops ``early_stop_patience`` steps after the accuracy rule first held (a fraction of
+    the budget below 1, a number of steps from 1 on); patience 0 stops at once, as before."""
+    from recur.training.trainer import Trainer
+
+    first = {}
+    saturated = Trainer._saturated
+
+    def spy(self):
+        hit = saturated(self)
+        if hit:
+            first.setdefault(self.cfg.optim.early_stop_patience, self.step)
+        return hit
+
+    monkeypatch.setattr(Trainer, "_saturated", spy)
+    results = {p: train(tiny(steps=300, d_model=32, early_stop=0.99, early_stop_patience=p), progress=False)
+               for p in (0, 0.1, 25)}
+    assert all(r.early_stopped for r in results.values())
+    assert results[0].steps == first[0]
+    assert results[0.1].steps == first[0.1] + 30 and results[25].steps == first[25] + 25
+    assert first[0] == first[0.1] == first[25]  # the same run up to the rule
+    assert RunConfig(task="parity", model="lstm").optim.early_stop_patience == 0.2  # the default
+
+
 def test_train_is_deterministic_given_the_seed():
     a, b = train(tiny(steps=8), progress=False), train(tiny(steps=8), progress=False)
     c = train(tiny(steps=8, seed=1), progress=False)
@@ -92,7 +116,8 @@ def test_bad_configs_raise_config_errors_before_training():
 
 
 # Losses of the first release's loop (recur 0.1.0, before the Trainer and its plugins), measured with
-# that code on this config: the state_noise / state_passing plugins must reproduce them.
+# that code on this config (whose head was tied then): the state_noise / state_passing plugins must
+# reproduce them.
 _PRE_PLUGIN_LOSSES = [
     ({}, 0.6882011413574218),
     ({"state_init": "noise"}, 0.692718455195427),
@@ -104,6 +129,6 @@ _PRE_PLUGIN_LOSSES = [
 
 @pytest.mark.parametrize("change,loss", _PRE_PLUGIN_LOSSES)
 def test_interventions_as_plugins_reproduce_the_loop_they_replaced(change, loss):
-    cfg = RunConfig(task="parity", model="lstm", steps=25, seq_len=16, d_model=16, n_layers=2, batch_size=8,
-                    eval_batches=1, early_stop=None, device="cpu", **change)
+    cfg = RunConfig(task="parity", model={"mixer": "lstm", "tie_embeddings": True}, steps=25, seq_len=16,
+                    d_model=16, n_layers=2, batch_size=8, eval_batches=1, early_stop=None, device="cpu", **change)
     assert train(cfg, progress=False).train_loss == pytest.approx(loss, rel=1e-6)

@@ -125,7 +125,7 @@ def test_n_loops_curriculum_on_a_looped_model_is_restored_before_evaluation(monk
 
 
 def test_n_loops_restored_after_an_early_stop():
-    cfg = tiny(model="gla", arch="looped_lm", steps=50, early_stop=0.01, early_stop_window=2,
+    cfg = tiny(model="gla", arch="looped_lm", steps=50, early_stop=0.01, early_stop_window=2, early_stop_patience=0,
                **{"model.args": {"n_loops": 3}}, training=[cur(key="n_loops", start=1)])
     trainer = Trainer(cfg, progress=False)
     seen = recording(trainer)

@@ -55,8 +55,8 @@ def test_the_carried_state_is_what_the_model_computes_from_the_previous_one():
     logits = []
     inner = trainer.model.forward
 
-    def forward(tokens, state=None):
-        out = inner(tokens, state)
+    def forward(tokens, state=None, **kw):
+        out = inner(tokens, state, **kw)
         logits.append(out.logits.detach())
         return out
 
@@ -64,13 +64,15 @@ def test_the_carried_state_is_what_the_model_computes_from_the_previous_one():
     trainer.train_step()
     with torch.no_grad():  # the model after step 1, run on the second batch from the carried state
         carried = trainer.methods[0].carried
-        expected = inner(trainer.task.batch(16, 8, _copy(trainer.generators["data"]), split="train").inputs,
-                         carried).logits
-        from_zero = inner(trainer.task.batch(16, 8, _copy(trainer.generators["data"]), split="train").inputs).logits
+        second = trainer.task.batch(16, 8, _copy(trainer.generators["data"]), split="train")
+        # the Trainer asks for the head at the supervised positions
+        expected = inner(second.inputs, carried, positions=second.mask).logits
+        from_zero = inner(second.inputs, positions=second.mask).logits
     trainer.train_step()
     assert torch.equal(seen[1]["init"]["layer0"]["h"], carried["layer0"]["h"])
-    torch.testing.assert_close(logits[1], expected, rtol=0, atol=0)
-    assert not torch.allclose(logits[1], from_zero)
+    # float32 rounding only: torch's fused LSTM (the layer's CPU path) takes another kernel without grad
+    torch.testing.assert_close(logits[1], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(logits[1], from_zero, rtol=1e-3, atol=1e-3)
 
 
 def _copy(gen: torch.Generator) -> torch.Generator:
@@ -150,9 +152,9 @@ def test_passing_changes_the_run_and_evaluation_starts_from_zeros():
     states = []
     inner = trainer.model.forward
 
-    def forward(tokens, state=None):
+    def forward(tokens, state=None, **kw):
         states.append((trainer.model.training, state))
-        return inner(tokens, state)
+        return inner(tokens, state, **kw)
 
     trainer.model.forward = forward
     result = trainer.fit()
