@@ -165,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="a few steps at a tiny size: a smoke test")
     bench.add_argument("--json", action="store_true", help="print the leaderboard rows as one JSON line instead")
 
+    rep = sub.add_parser("reproduce", help="run one of the field's findings end to end and print its verdicts",
+                         description="Run a finding's runs (stored, resumable), draw its figures and print one "
+                                     "verdict per claim of its paper: reproduced or not reproduced.")
+    rep.add_argument("name", nargs="?", help="the finding (see --list)")
+    rep.add_argument("--list", action="store_true", help="list the findings, their papers and budgets")
+    rep.add_argument("--quick", action="store_true", help="a few steps at a tiny size: a smoke test (verdicts "
+                                                          "at this budget say nothing about the paper)")
+    rep.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU cores, at most 4)")
+    _db(rep)
+    rep.add_argument("--out", type=Path, default=None, help="figures directory (default reproduce/NAME)")
+    rep.add_argument("--results", type=Path, default=None, metavar="PATH",
+                     help="also write the finding's section into this results page (e.g. docs/results.md)")
+    rep.add_argument("--json", action="store_true", help="print the verdicts as one JSON line (last line of stdout)")
+
     speed = sub.add_parser("speed", help="time our fast modes against references, peers and the machine's limits")
     speed.add_argument("--quick", action="store_true", help="small shapes: a smoke test of every case")
     speed.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
@@ -447,6 +461,51 @@ def cmd_bench(args, out: Console, err: Console) -> int:
     return code
 
 
+def cmd_reproduce(args, out: Console, err: Console) -> int:
+    from recur.findings import FINDINGS, reproduce, write_section
+
+    if args.list:
+        if args.json:
+            print(json.dumps([{"name": n, "title": FINDINGS.get(n).cls.title, "paper": FINDINGS.get(n).cls.paper,
+                               "budget": FINDINGS.get(n).cls.budget} for n in FINDINGS.in_order()]))
+            return 0
+        t = Table(title="findings (recur reproduce NAME)", title_justify="left")
+        for col in ("name", "finding", "paper", "budget"):
+            t.add_column(col, overflow="fold")
+        for n in FINDINGS.in_order():
+            cls = FINDINGS.get(n).cls
+            t.add_row(n, cls.title, cls.paper, cls.budget)
+        out.print(t)
+        return 0
+    if not args.name:
+        raise UsageError("name a finding (recur reproduce --list shows them)")
+    if args.name not in FINDINGS:
+        raise UsageError(str(FINDINGS.unknown(args.name)))
+    finding = FINDINGS.get(args.name).cls()
+    workers = args.workers if args.workers is not None else max(1, min(os.cpu_count() or 1, 4))
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    figures = args.out or Path("reproduce") / args.name
+    _report_dir(figures)
+    with ResultStore(args.db) as store:
+        outcome = reproduce(finding, store, quick=args.quick, workers=workers, console=err, figures_dir=figures)
+    t = Table(title=f"{finding.name}: {finding.paper}" + (" (quick: a smoke test, not a verdict)" if args.quick else ""),
+              title_justify="left")
+    for col in ("claim", "measured", "verdict"):
+        t.add_column(col, overflow="fold")
+    for v in outcome.verdicts:
+        t.add_row(v.claim, v.measured, "[green]reproduced[/green]" if v.reproduced else "[red]not reproduced[/red]")
+    (err if args.json else out).print(t)
+    (err if args.json else out).print(f"{outcome.runs} runs, {outcome.seconds:.0f} s; figures in {figures}")
+    if args.results is not None:
+        command = "recur reproduce " + args.name + (" --quick" if args.quick else "")
+        write_section(args.results, finding, outcome, command)
+        err.print(f"section {finding.name} written to {args.results}")
+    if args.json:
+        print(json.dumps(outcome.as_json()))
+    return 0
+
+
 def cmd_speed(args, out: Console, err: Console) -> int:
     from recur import speed
 
@@ -571,7 +630,7 @@ def cmd_methods(args, out: Console, err: Console) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "bench": cmd_bench,
-            "speed": cmd_speed, "tasks": cmd_tasks, "models": cmd_models, "archs": cmd_archs, "methods": cmd_methods}
+            "reproduce": cmd_reproduce, "speed": cmd_speed, "tasks": cmd_tasks, "models": cmd_models, "archs": cmd_archs, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

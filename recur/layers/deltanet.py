@@ -8,6 +8,11 @@ Layer (the authors' layer, as in flash-linear-attention's defaults):
     y       = W_o RMSNorm_head(o)                  (DeltaNet, alpha_t = 1)
     y       = W_o (RMSNorm_head(o) * silu(x W_g))  (Gated DeltaNet, alpha_t = exp(g_t))
 
+``negative_eigenvalues=True`` takes beta_t = 2 sigmoid(x_t W_beta) in (0, 2), so the transition
+I - beta_t k_t k_t^T has the eigenvalue 1 - beta_t in (-1, 1) along k_t (Grazzi et al., "Unlocking
+State-Tracking in Linear RNNs Through Negative Eigenvalues", 2024): a reflection, which parity and
+other state-tracking problems need; with beta in (0, 1) every eigenvalue lies in [0, 1].
+
 Heads (``common.head_split``): ``head_dim`` defaults to the largest divisor of d_model that is at most
 min(64, d_model / 2): at least two heads, at most 64 channels each (d_model=16 -> 2 heads of 8;
 96 -> 2 of 48; 1024 -> 16 of 64). Pass ``n_heads`` and/or ``head_dim`` to choose; ``expand_v``
@@ -49,9 +54,13 @@ class _DeltaRuleMixer(Mixer):
         conv_size: int = 4,
         chunk_size: int = 64,
         norm_eps: float = 1e-5,
+        negative_eigenvalues: bool = False,
     ):
         super().__init__(d_model, mode)
         positive_int("expand_v", expand_v, owner=self.name)
+        if not isinstance(negative_eigenvalues, bool):
+            raise ValueError(f"{self.name}: negative_eigenvalues must be True or False, got {negative_eigenvalues!r}")
+        self.negative_eigenvalues = negative_eigenvalues
         self.n_heads, self.head_k_dim = head_split(d_model, n_heads, head_dim)
         self.head_v_dim = self.head_k_dim * expand_v
         self.chunk_size = chunk_size
@@ -90,6 +99,8 @@ class _DeltaRuleMixer(Mixer):
         q = F.normalize(q, dim=-1) * self.head_k_dim**-0.5
         k = F.normalize(k, dim=-1)
         beta = rearrange(torch.sigmoid(self.b_proj(x)), "b t h -> b h t")
+        if self.negative_eigenvalues:
+            beta = 2 * beta  # in (0, 2): the transition's eigenvalue 1 - beta along k_t reaches (-1, 0)
         o, S = delta_rule(
             q, k, v, beta, packing.hard_reset(self.log_alpha(x), resets, time_dim=2, like=q), state["S"],
             mode=self.op_mode,
@@ -101,7 +112,8 @@ class _DeltaRuleMixer(Mixer):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, n_heads={self.n_heads}, head_k_dim={self.head_k_dim}, "
-                f"head_v_dim={self.head_v_dim}, chunk_size={self.chunk_size}")
+                f"head_v_dim={self.head_v_dim}, chunk_size={self.chunk_size}"
+                + (", negative_eigenvalues=True" if self.negative_eigenvalues else ""))
 
 
 @register("deltanet", family="delta-rule",

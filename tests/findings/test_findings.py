@@ -1,0 +1,136 @@
+"""`recur reproduce`: every finding is registered and runnable, its verdicts follow its rule, and its
+section of the results page is written from the outcome (replaced, never duplicated)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from harness_tasks import fake_result
+
+from recur.cli import main
+from recur.config import RunConfig
+from recur.findings import FINDINGS, Measured, write_section
+from recur.findings.base import Outcome
+from recur.findings.mingru_speed import MinGRUSpeed
+from recur.findings.state_capacity import StateCapacity
+from recur.findings.zoology_mqar import ZoologyMQAR
+from recur.results import ResultStore
+
+SEVEN = {"zoology-mqar", "illusion-of-state", "negative-eigenvalues", "jrt", "length-generalization",
+         "state-capacity", "mingru-speed"}
+
+
+def test_the_seven_findings_are_registered_with_their_papers():
+    assert set(FINDINGS.names()) == SEVEN
+    for name in FINDINGS.names():
+        cls = FINDINGS.get(name).cls
+        assert cls.title and cls.paper and cls.budget and cls.notes.strip()
+
+
+@pytest.mark.parametrize("name", sorted(SEVEN - {"mingru-speed"}))
+def test_every_finding_grid_and_its_quick_version_are_valid_runs(name):
+    finding = FINDINGS.get(name).cls()
+    full, quick = finding.configs(), finding.configs(quick=True)
+    assert full and len(quick) == len({c.model_dump_json() for c in quick})
+    assert all(c.optim.steps <= 4 for c in quick) and all(c.optim.steps >= 1000 for c in full)
+
+
+def _store_with(tmp_path, results, name="s.sqlite"):
+    store = ResultStore(tmp_path / name)
+    for r in results:
+        store.put(r)
+    return store
+
+
+def test_zoology_verdicts_follow_the_measured_rows(tmp_path):
+    finding = ZoologyMQAR()
+    accs = {("attention", 32): 1.0, ("attention", 64): 0.995, ("gla", 32): 0.3, ("gla", 64): 0.8,
+            ("deltanet", 32): 0.5, ("deltanet", 64): 0.99, ("mingru", 32): 0.1, ("mingru", 64): 0.2,
+            ("lru", 32): 0.05, ("lru", 64): 0.25}
+    results = []
+    for cfg in finding.configs():
+        a = accs[cfg.model.mixer, cfg.model.d_model]
+        results.append(fake_result(cfg, {64: a if cfg.optim.lr == 3e-3 else a / 2}))  # the best lr is kept
+    with _store_with(tmp_path, results) as store:
+        from recur.findings.base import measure
+
+        verdicts = finding.verdicts(measure(finding, store))
+    assert [v.reproduced for v in verdicts] == [True, True, True]
+    assert "d=64: 0.995" in verdicts[0].measured
+    accs["attention", 64] = 0.9  # attention misses at one width
+    accs["lru", 64] = 0.9  # a vector-state model beats a matrix-state one at d=64
+    results = [fake_result(cfg, {64: accs[cfg.model.mixer, cfg.model.d_model]}) for cfg in finding.configs()]
+    with _store_with(tmp_path, results, "b.sqlite") as store:
+        verdicts = finding.verdicts(measure(finding, store))
+    assert [v.reproduced for v in verdicts] == [False, True, False]
+
+
+def test_state_capacity_reach_and_shortest_training_length(tmp_path):
+    finding = StateCapacity()
+    results = []
+    for cfg in finding.configs():
+        d, n = cfg.model.d_model, cfg.task.seq_len
+        limit = {16: 128, 32: 256, 64: 512}[d]  # the state holds the key up to this length
+        works = 4 * n if n >= 2 * d else n  # trained long enough for the state size: no collapse beyond n
+        accs = {L: (1.0 if L <= min(limit, works) else 0.2) for L in cfg.eval.lengths}
+        results.append(fake_result(cfg, accs, state_size=d * d))
+    with _store_with(tmp_path, results) as store:
+        from recur.findings.base import measure
+
+        verdicts = finding.verdicts(measure(finding, store))
+    assert [v.reproduced for v in verdicts] == [True, True]
+    assert "reach 128" in verdicts[0].measured and "reach 512" in verdicts[0].measured
+    assert verdicts[1].measured.endswith("state 4096: 128")
+
+
+def test_mingru_speed_verdicts_read_the_step_times():
+    m = Measured([], [])
+    m.extra = {"times": {"parallel": {64: 1.0, 1024: 2.0}, "chunk": {64: 1.0, 1024: 1.0},
+                         "recurrent": {64: 2.0, 1024: 30.0}}}
+    verdicts = MinGRUSpeed().verdicts(m)
+    assert [v.reproduced for v in verdicts] == [True, True, True, True]
+    m.extra["times"]["parallel"][64] = 3.0
+    assert [v.reproduced for v in MinGRUSpeed().verdicts(m)][:2] == [False, True]
+    assert MinGRUSpeed().table(m)[2].startswith("| 64 |")
+
+
+def test_reproduce_quick_runs_stores_prints_json_and_writes_its_section(tmp_path, capsys):
+    db, page = tmp_path / "f.sqlite", tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    page.write_text("# Findings\n\nhand-written introduction\n")
+    argv = ["reproduce", "negative-eigenvalues", "--quick", "--workers", "1", "--db", str(db),
+            "--out", str(tmp_path / "figs"), "--results", str(page), "--json"]
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert doc["finding"] == "negative-eigenvalues" and doc["quick"] and doc["runs"] == 2
+    assert len(doc["verdicts"]) == 2 and all(set(v) == {"claim", "measured", "reproduced"} for v in doc["verdicts"])
+    with ResultStore(db, readonly=True) as store:
+        assert len(store) == 2  # every run stored
+    text = page.read_text()
+    assert "hand-written introduction" in text and text.count("<!-- reproduce:negative-eigenvalues -->") == 1
+    assert "recur reproduce negative-eigenvalues --quick" in text
+    assert list((tmp_path / "docs" / "findings").glob("negative-eigenvalues_*length.png"))
+    assert main(argv) == 0  # again: runs skipped, the section replaced, not appended
+    assert page.read_text().count("<!-- reproduce:negative-eigenvalues -->") == 1
+
+
+def test_reproduce_list_and_errors(capsys):
+    assert main(["reproduce", "--list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {f["name"] for f in listed} == SEVEN and all(f["paper"] for f in listed)
+    assert main(["reproduce"]) == 2
+    assert "--list" in capsys.readouterr().err
+    assert main(["reproduce", "zoology-mqr"]) == 2
+    assert "zoology-mqar" in capsys.readouterr().err
+
+
+def test_write_section_keeps_the_rest_of_the_page(tmp_path):
+    page = tmp_path / "results.md"
+    page.write_text("intro\n\n<!-- reproduce:jrt -->\nold\n<!-- /reproduce:jrt -->\n\ntail\n")
+    finding = FINDINGS.get("jrt").cls()
+    outcome = Outcome("jrt", False, [], Measured([], []), 60.0, 6)
+    write_section(page, finding, outcome, "recur reproduce jrt")
+    text = page.read_text()
+    assert text.startswith("intro") and text.rstrip().endswith("tail") and "old" not in text
+    assert "recur reproduce jrt" in text and "1.0 min" in text
