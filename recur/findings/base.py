@@ -116,16 +116,18 @@ class Finding(ABC):
     figures: tuple[str, ...] = ()  # figure kinds for results.md: "state_size", "length"
     notes: str = ""  # the protocol in a few sentences: what the runs are and why
 
-    @abstractmethod
-    def sweep(self, quick: bool = False) -> SweepConfig:
-        """The runs (``quick``: a smoke version of the same grid at a tiny budget)."""
+    def sweep(self, quick: bool = False) -> SweepConfig | None:
+        """The runs (``quick``: a smoke version of the same grid at a tiny budget); None for a
+        finding measured without training runs (it overrides ``run``)."""
+        return None
 
     @abstractmethod
     def verdicts(self, m: Measured, quick: bool = False) -> list[Verdict]:
         """One verdict per claim, from the measured rows."""
 
     def configs(self, quick: bool = False) -> list[RunConfig]:
-        return self.sweep(quick).expand()
+        sweep = self.sweep(quick)
+        return [] if sweep is None else sweep.expand()
 
     def run(self, store, quick: bool = False, workers: int = 1, console=None,
             figures_dir: str | Path | None = None) -> Outcome:

@@ -21,8 +21,7 @@ def _task_name(name: str, args: dict) -> str:
     return name if not args else f"{name} {args['group']}"
 
 
-@FINDINGS.register("illusion-of-state", paper="Merrill, Petty & Sabharwal, The Illusion of State in State-Space "
-                                              "Models (2024)")
+@FINDINGS.register("illusion-of-state")
 class IllusionOfState(Finding):
     title = "State tracking and length generalisation"
     paper = "Merrill, Petty & Sabharwal, The Illusion of State in State-Space Models (2024)"

@@ -14,8 +14,7 @@ from recur.findings.quick import quick_sweep
 RECURRENT = ("gla", "mingru")
 
 
-@FINDINGS.register("jrt", paper="Arora et al., Just Read Twice: Closing the Recall Gap for Recurrent Language "
-                                "Models (2024)")
+@FINDINGS.register("jrt")
 class JustReadTwice(Finding):
     title = "Set disjointness, context read once or twice"
     paper = "Arora et al., Just Read Twice: Closing the Recall Gap for Recurrent Language Models (2024)"

@@ -18,8 +18,7 @@ METHODS = ("state_noise", "state_passing")
 TRAIN, LONG = 64, 256
 
 
-@FINDINGS.register("length-generalization", paper="Buitrago & Gu, Understanding and Improving Length "
-                                                  "Generalization in Recurrent Models (2025)")
+@FINDINGS.register("length-generalization")
 class LengthGeneralization(Finding):
     title = "Length generalisation: state noise and state passing"
     paper = "Buitrago & Gu, Understanding and Improving Length Generalization in Recurrent Models (2025)"

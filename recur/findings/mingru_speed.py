@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 
 from recur.findings.base import FINDINGS, Finding, Measured, Outcome, Verdict
-from recur.config import SweepConfig
 
 LENGTHS, QUICK_LENGTHS = (64, 256, 1024, 4096), (64, 256)
 FAST = ("parallel", "chunk")
@@ -38,7 +37,7 @@ def step_times(lengths, batch: int = 8, d_model: int = 128, budget_s: float = 10
     return times
 
 
-@FINDINGS.register("mingru-speed", paper="Feng et al., Were RNNs All We Needed? (2024)")
+@FINDINGS.register("mingru-speed")
 class MinGRUSpeed(Finding):
     title = "minGRU: parallel against sequential training"
     paper = "Feng et al., Were RNNs All We Needed? (2024)"
@@ -50,12 +49,6 @@ mode, measured side by side in one process (median after warm-up, `recur.speed.m
 figures are on a GPU; on a CPU the parallel forms cannot use more cores than it has, so the speed-up
 here is the removal of the per-token loop, not parallel hardware.
 """
-
-    def sweep(self, quick: bool = False) -> SweepConfig:
-        raise NotImplementedError("mingru-speed measures time per step; it has no training runs")
-
-    def configs(self, quick: bool = False):
-        return []
 
     def verdicts(self, m: Measured, quick: bool = False) -> list[Verdict]:
         times = m.extra["times"]

@@ -15,8 +15,7 @@ from recur.findings.quick import quick_sweep
 TRAIN, FACTOR = 32, 4
 
 
-@FINDINGS.register("negative-eigenvalues", paper="Grazzi et al., Unlocking State-Tracking in Linear RNNs Through "
-                                                 "Negative Eigenvalues (2024)")
+@FINDINGS.register("negative-eigenvalues")
 class NegativeEigenvalues(Finding):
     title = "Parity with negative eigenvalues"
     paper = "Grazzi et al., Unlocking State-Tracking in Linear RNNs Through Negative Eigenvalues (2024)"

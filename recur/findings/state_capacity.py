@@ -30,8 +30,7 @@ def reach(m: Measured, row) -> int:
     return best
 
 
-@FINDINGS.register("state-capacity", paper="Chen et al., Stuffed Mamba: Oversized States Lead to the Inability "
-                                           "to Forget (2024)")
+@FINDINGS.register("state-capacity")
 class StateCapacity(Finding):
     title = "Passkey retrieval against state size"
     paper = "Chen et al., Stuffed Mamba: Oversized States Lead to the Inability to Forget (2024)"

@@ -16,8 +16,7 @@ MATRIX, VECTOR = ("gla", "deltanet"), ("mingru", "lru")
 WIDTHS = (32, 64)
 
 
-@FINDINGS.register("zoology-mqar", paper="Arora, Eyuboglu et al., Zoology: Measuring and Improving Recall in "
-                                         "Efficient Language Models (2023)")
+@FINDINGS.register("zoology-mqar")
 class ZoologyMQAR(Finding):
     title = "MQAR against state size"
     paper = "Arora, Eyuboglu et al., Zoology: Measuring and Improving Recall in Efficient Language Models (2023)"
