@@ -159,8 +159,15 @@ class Outcome:
     runs: int
     figures: list[Path] = field(default_factory=list)
 
+    @property
+    def train_seconds(self) -> float:
+        """Training seconds summed over the stored runs (as they were made, whichever call made
+        them); ``seconds`` is only this call's wall time, which is short when the runs were stored."""
+        return sum(float(r.get("seconds") or 0.0) for r in self.measured.runs)
+
     def as_json(self) -> dict[str, Any]:
-        return {"finding": self.finding, "quick": self.quick, "seconds": round(self.seconds, 1), "runs": self.runs,
+        return {"finding": self.finding, "quick": self.quick, "seconds": round(self.seconds, 1),
+                "train_seconds": round(self.train_seconds, 1), "runs": self.runs,
                 "reproduced": all(v.reproduced for v in self.verdicts),
                 "verdicts": [v.as_json() for v in self.verdicts]}
 
@@ -207,7 +214,7 @@ def section(finding: Finding, outcome: Outcome, command: str, figures: list[str]
     """A finding's section of docs/results.md, from its outcome (no hand-copied number)."""
     lines = [f"## {finding.title} (`{finding.name}`)", "", f"Paper: {finding.paper}.", "",
              "```bash", command, "```", "",
-             f"{outcome.runs} runs, {outcome.seconds / 60:.1f} min wall time here (budget: {finding.budget}).",
+             _cost(finding, outcome),
              "", finding.notes.strip(), "",
              "| claim | measured | verdict |", "|---|---|---|"]
     for v in outcome.verdicts:
@@ -215,6 +222,16 @@ def section(finding: Finding, outcome: Outcome, command: str, figures: list[str]
     lines += ["", *finding.table(outcome.measured), ""]
     lines += [f"![{finding.name}: {Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _cost(finding: Finding, outcome: Outcome) -> str:
+    """What the finding cost here: the runs' summed training time (what a fresh reproduction pays,
+    divided among its workers) and the wall time of the call that wrote the section."""
+    call = f"{outcome.seconds / 60:.1f} min wall time for the call that wrote this section"
+    if outcome.runs == 0:
+        return f"{call} (budget: {finding.budget})."
+    return (f"{outcome.runs} runs, {outcome.train_seconds / 60:.1f} min of training summed over the runs; "
+            f"{call} (budget: {finding.budget}).")
 
 
 def write_section(path: str | Path, finding: Finding, outcome: Outcome, command: str) -> Path:

@@ -112,7 +112,11 @@ def test_reproduce_quick_runs_stores_prints_json_and_writes_its_section(tmp_path
     assert "recur reproduce negative-eigenvalues --quick" in text
     assert list((tmp_path / "docs" / "findings").glob("negative-eigenvalues_*length.png"))
     assert main(argv) == 0  # again: runs skipped, the section replaced, not appended
+    capsys.readouterr()
     assert page.read_text().count("<!-- reproduce:negative-eigenvalues -->") == 1
+    with ResultStore(db, readonly=True) as store:  # the cost stated is the stored runs', not the rewrite's
+        trained = sum(r["seconds"] for r in store.all_runs())
+    assert f"{trained / 60:.1f} min of training summed over the runs" in page.read_text()
 
 
 def test_reproduce_list_and_errors(capsys):
@@ -129,8 +133,10 @@ def test_write_section_keeps_the_rest_of_the_page(tmp_path):
     page = tmp_path / "results.md"
     page.write_text("intro\n\n<!-- reproduce:jrt -->\nold\n<!-- /reproduce:jrt -->\n\ntail\n")
     finding = FINDINGS.get("jrt").cls()
-    outcome = Outcome("jrt", False, [], Measured([], []), 60.0, 6)
+    runs = [{"hash": str(i), "seconds": 45.0, "config": {}} for i in range(4)]
+    outcome = Outcome("jrt", False, [], Measured([], runs), 6.0, 4)
     write_section(page, finding, outcome, "recur reproduce jrt")
     text = page.read_text()
     assert text.startswith("intro") and text.rstrip().endswith("tail") and "old" not in text
-    assert "recur reproduce jrt" in text and "1.0 min" in text
+    assert "recur reproduce jrt" in text
+    assert "4 runs, 3.0 min of training summed over the runs; 0.1 min wall time" in text
