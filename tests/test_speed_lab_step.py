@@ -46,3 +46,14 @@ def test_the_registered_case_runs_the_lab_shape(monkeypatch):
     calls.clear()
     SPEED_CASES.get("lab_step").obj(None, False)
     assert [a for a, _ in calls] == [(32, 64, 64, 2, 256), (32, 256, 128, 2, 256)]
+
+
+def test_sparse_head_row_compares_one_model_both_ways_on_mqar_batches():
+    r = speed.sparse_head_rows(vocab=64, B=4, T=32, d_model=16, n_layers=1, repeats=1).as_json()
+    assert KEYS <= set(r) and r["name"] == "sparse_head_v64" and r["pass"] == "train step"
+    assert r["baseline"] == "the head at every position"
+    assert r["speedup"] == pytest.approx(r["baseline_s"] / r["ours_s"])
+    # the same function both ways: the losses agree (the lr is 0, so every call sees one model)
+    assert r["extra"]["max_loss_gap"] < 1e-4
+    assert 0 < r["extra"]["supervised_fraction"] < 0.5  # MQAR supervises only its queries
+    assert "sparse_head" in SPEED_CASES
