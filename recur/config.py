@@ -317,9 +317,12 @@ class MethodConfig(Section):
 class EvalConfig(Section):
     """Where a run is evaluated: the lengths (default: the training length and 4x) and batches per length."""
 
-    FROZEN: ClassVar[dict[str, Any]] = {"lengths": [], "batches": 4}
+    FROZEN: ClassVar[dict[str, Any]] = {"lengths": [], "batches": 4, "every": 0}
     lengths: list[int] = Field(default_factory=list, description="default: [seq_len, 4 * seq_len]")
     batches: int = Field(4, ge=1, description="batches of batch_size test sequences per eval length")
+    every: int = Field(0, ge=0, description="also evaluate every N steps (and at the end) at the training length "
+                                            "on the validation split (test where the task has none): the "
+                                            "run's eval curve; 0: only the final evaluation")
 
     @field_validator("lengths")
     @classmethod

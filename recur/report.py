@@ -74,6 +74,9 @@ def leaderboard_tables(rows: list[dict[str, Any]]) -> list[Table]:
         t = Table(title=f"[bold]{task}[/]", title_justify="left")
         for col in ("model", "d_model", "layers", "state", "params"):
             t.add_column(col, justify="left" if col == "model" else "right")
+        bpb = lengths if _bpb(trs) else []
+        for n in bpb:
+            t.add_column(f"bpb@{n}", justify="right")
         for n in lengths:
             t.add_column(f"acc@{n}", justify="right")
         for col in ("exact@train", "lr", "seeds", "steps", "time (s)"):
@@ -81,8 +84,10 @@ def leaderboard_tables(rows: list[dict[str, Any]]) -> list[Table]:
         for r in trs:
             accs = [_acc(r, n) for n in lengths]
             exact = _acc(r, r["train_seq_len"], "exact_match")
+            bits = [_acc(r, n, "bits_per_byte") for n in bpb]
             t.add_row(r["model_label"], str(r["d_model"]), str(r["n_layers"]), _fmt_state(r["state_size"]),
                       _fmt_state(r["params"]),
+                      *("-" if b is None else f"{b:.3f}" for b in bits),
                       *("-" if a is None else f"{a:.3f}" for a in accs),
                       "-" if exact is None else f"{exact:.3f}", f"{r['lr']:g}", str(r["seeds"]),
                       f"{r['steps']:.0f}", f"{r['seconds']:.1f}")
@@ -102,9 +107,10 @@ def print_leaderboard(rows: list[dict[str, Any]], console: Console | None = None
 class _Row:
     """A leaderboard row with its runs (one per seed) and what the figures need of them."""
 
-    def __init__(self, row: dict, runs: list[dict], curves: dict[str, list]):
+    def __init__(self, row: dict, runs: list[dict], curves: dict[str, list], evals: dict[str, list] | None = None):
         self.row, self.runs = row, runs
         self.curves = [curves[r["hash"]] for r in runs if curves.get(r["hash"])]
+        self.evals = [evals[r["hash"]] for r in runs if evals and evals.get(r["hash"])]
         cfg = runs[0]["config"] if runs else {}
         self.config = cfg
         self.label = row["model_label"]
@@ -123,9 +129,15 @@ class _Row:
         return [c[0][2] for c in self.curves if c and c[0][0] == 1]
 
 
-def _rows_with_runs(rows: list[dict], runs: list[dict], curves: dict[str, list]) -> list[_Row]:
+def _rows_with_runs(rows: list[dict], runs: list[dict], curves: dict[str, list],
+                    evals: dict[str, list] | None = None) -> list[_Row]:
     by_hash = {r["hash"]: r for r in runs}
-    return [_Row(row, [by_hash[h] for h in row["hashes"] if h in by_hash], curves) for row in rows]
+    return [_Row(row, [by_hash[h] for h in row["hashes"] if h in by_hash], curves, evals) for row in rows]
+
+
+def _bpb(rows: list[dict]) -> bool:
+    """Whether these rows are scored in bits per byte (the text task) besides accuracy."""
+    return any("bits_per_byte" in m for r in rows for m in r["metrics"].values())
 
 
 def _chance(rows: list[_Row]) -> float | None:
@@ -324,6 +336,37 @@ def plot_curves(rows: list[_Row], title: str, path: Path, styles: dict | None = 
     return True
 
 
+def plot_evals(rows: list[_Row], title: str, path: Path, styles: dict | None = None) -> bool:
+    """The eval curves (``eval.every``): the validation metric against training tokens, a colour per
+    model, a line style per size, one line per seed. Bits per byte where the task has it (lower is
+    better), else accuracy. Returns False (and writes nothing) when no run has an eval curve."""
+    styles = styles or _styles(rows)
+    rows = sorted((r for r in rows if r.evals), key=lambda r: (r.label, r.row["d_model"], r.row["n_layers"]))
+    if not rows:
+        return False
+    key = "bits_per_byte" if any("bits_per_byte" in p[2] for r in rows for c in r.evals for p in c) else "accuracy"
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.add_subplot()
+    for r in rows:
+        style = {**styles[r.label], **styles[r.size]}
+        params = f", {_fmt_state(r.row['params'])} params"
+        for j, curve in enumerate(r.evals):
+            points = [(p[1], p[2][key]) for p in curve if key in p[2]]
+            ax.plot([t for t, _ in points], [v for _, v in points], color=style["color"],
+                    linestyle=style["linestyle"], linewidth=1.3, alpha=0.9 if j == 0 else 0.5,
+                    label=f"{r.label} ({r.size}{params})" if j == 0 else None)
+            ax.plot([points[-1][0]], [points[-1][1]], color=style["color"], marker=style["marker"], markersize=5)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _fmt_tick(x)))
+    ax.set_xlabel("training tokens")
+    what = "bits per byte (lower is better)" if key == "bits_per_byte" else "accuracy"
+    ax.set_ylabel(f"validation {what}")
+    ax.set_title(f"{title}\nvalidation {what.split(' (')[0]} at the training length during training", fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend(ax, len(rows))
+    _save(fig, path)
+    return True
+
+
 def plot_time(rows: list[_Row], title: str, path: Path, styles: dict | None = None) -> None:
     """Training time per row (model and size) without the first step, mean over seeds with min-max bars.
 
@@ -397,7 +440,8 @@ def _cell(values: list[float], mean: float | None, fmt: str = ".3f") -> str:
 
 def _html_table(rows: list[_Row]) -> str:
     lengths = _lengths([r.row for r in rows])
-    head = ["model", "d_model", "layers", "state size", "params", *(f"acc@{n}" for n in lengths),
+    bpb = [f"bpb@{n}" for n in lengths] if _bpb([r.row for r in rows]) else []
+    head = ["model", "d_model", "layers", "state size", "params", *bpb, *(f"acc@{n}" for n in lengths),
             "exact@train", "lr", "seeds", "steps run / budget", "batch", "train length", "time (s)", "runs (hash)"]
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
@@ -408,6 +452,7 @@ def _html_table(rows: list[_Row]) -> str:
         steps_text += f" / {optim['steps']}" if "steps" in optim else ""
         secs = [run["seconds"] for run in r.runs]
         cells = [html.escape(r.label), row["d_model"], row["n_layers"], f"{row['state_size']:,}", f"{row['params']:,}",
+                 *(_cell(r.accs(n, "bits_per_byte"), _acc(row, n, "bits_per_byte")) for n in lengths if bpb),
                  *(_cell(r.accs(n), _acc(row, n)) for n in lengths),
                  _cell(r.accs(row["train_seq_len"], "exact_match"), _acc(row, row["train_seq_len"], "exact_match")),
                  f"{row['lr']:g}", row["seeds"], steps_text, optim.get("batch_size", "-"), row["train_seq_len"],
@@ -442,6 +487,7 @@ def build_report(store: ResultStore | str | Path, out_dir: str | Path, hashes: s
     runs = store.all_runs(hashes=hashes)
     rows = store.leaderboard(hashes=hashes)
     curves = store.curves(hashes=hashes)
+    evals = store.evals(hashes=hashes)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = [
         "<!doctype html>", '<html><head><meta charset="utf-8"><title>recur report</title>',
@@ -459,12 +505,14 @@ def build_report(store: ResultStore | str | Path, out_dir: str | Path, hashes: s
         parts.append("<ul>" + "".join(f'<li><a href="#{_slug(t)}">{html.escape(t)}</a></li>' for t in tasks) + "</ul>")
     for task, trs in tasks.items():
         slug = _slug(task)
-        rs = _rows_with_runs(trs, runs, curves)
+        rs = _rows_with_runs(trs, runs, curves, evals)
         chance, styles = _chance(rs), _styles(rs)
         plot_state_size(rs, task, out / f"{slug}_state_size.png", chance, styles)
         plot_length(rs, task, out / f"{slug}_length.png", chance, styles)
         figs = [(f"{slug}_state_size.png", "accuracy vs state size"),
                 (f"{slug}_length.png", "accuracy vs evaluation length")]
+        if plot_evals(rs, task, out / f"{slug}_evals.png", styles):
+            figs.insert(0, (f"{slug}_evals.png", "validation metric against training tokens"))
         if plot_curves(rs, task, out / f"{slug}_loss.png", styles):
             figs.append((f"{slug}_loss.png", "training loss curves"))
         plot_time(rs, task, out / f"{slug}_time.png", styles)

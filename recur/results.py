@@ -6,8 +6,10 @@
     store.all_runs(task="mqar")       # [{"hash", "config", "task", "model", "metrics", ...}, ...]
     store.leaderboard("mqar")         # seeds averaged, best lr per (model, size)
     store.curves()                    # {hash: [(step, loss, seconds), ...]}: the training-loss curves
+    store.evals()                     # {hash: [(step, tokens, metrics), ...]}: the eval curves (eval.every)
 
-Each run (its row in ``runs`` and its loss curve in ``curves``) is written in its own transaction
+Each run (its row in ``runs``, its loss curve in ``curves``, its eval curve in ``evals`` and its
+data's facts in ``run_info``, e.g. a corpus's sha256, read back as each run's ``info``) is written in its own transaction
 (WAL journal), so a process killed at any moment (SIGKILL included) leaves every finished run
 intact and no partial one: an interrupted sweep resumes where it stopped. Reports are built from here, never from memory.
 
@@ -94,6 +96,17 @@ CREATE TABLE IF NOT EXISTS curves (    -- each run's training-loss curve (RunRes
     loss           REAL NOT NULL,      -- mean training loss over the steps since the previous point
     seconds        REAL NOT NULL,      -- training seconds at the end of this step (step 1: the warm-up)
     PRIMARY KEY (hash, step)
+);
+CREATE TABLE IF NOT EXISTS evals (     -- each run's eval curve (RunResult.evals, eval.every), written with it
+    hash           TEXT NOT NULL,      -- the run's hash in runs
+    step           INTEGER NOT NULL,
+    tokens         INTEGER NOT NULL,   -- training tokens seen by then
+    metrics        TEXT NOT NULL,      -- JSON {"bits_per_byte", "accuracy", ...} at the training length
+    PRIMARY KEY (hash, step)
+);
+CREATE TABLE IF NOT EXISTS run_info (  -- facts about a run's data its config does not fix (Task.info)
+    hash           TEXT PRIMARY KEY,   -- the run's hash in runs
+    info           TEXT NOT NULL       -- JSON, e.g. {"corpus_sha256": ...}
 );
 CREATE TABLE IF NOT EXISTS claims (    -- runs being trained now, by whom (ResultStore.claim)
     hash           TEXT PRIMARY KEY,   -- the run's hash (not yet in runs)
@@ -285,11 +298,20 @@ class ResultStore:
             self._conn.execute("DELETE FROM curves WHERE hash = ?", (result.config_hash,))
             self._conn.executemany("INSERT INTO curves (hash, step, loss, seconds) VALUES (?, ?, ?, ?)",
                                    [(result.config_hash, *point) for point in result.curve])
+            self._conn.execute("DELETE FROM evals WHERE hash = ?", (result.config_hash,))
+            self._conn.executemany("INSERT INTO evals (hash, step, tokens, metrics) VALUES (?, ?, ?, ?)",
+                                   [(result.config_hash, step, tokens, json.dumps(m, sort_keys=True))
+                                    for step, tokens, m in result.evals])
+            self._conn.execute("DELETE FROM run_info WHERE hash = ?", (result.config_hash,))
+            if result.info:
+                self._conn.execute("INSERT INTO run_info (hash, info) VALUES (?, ?)",
+                                   (result.config_hash, json.dumps(result.info, sort_keys=True)))
             self._conn.execute("DELETE FROM claims WHERE hash = ?", (result.config_hash,))  # stored: nobody trains it
 
     def delete(self, config_hash: str) -> bool:
         with self._transaction():
-            self._conn.execute("DELETE FROM curves WHERE hash = ?", (config_hash,))
+            for table in ("curves", "evals", "run_info"):
+                self._conn.execute(f"DELETE FROM {table} WHERE hash = ?", (config_hash,))
             return self._conn.execute("DELETE FROM runs WHERE hash = ?", (config_hash,)).rowcount > 0
 
     # -------------------------------------------------------------- claims of runs being trained
@@ -361,7 +383,11 @@ class ResultStore:
             args.append(model)
         sql = "SELECT * FROM runs" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY created, hash"
         runs = [_decode(r) for r in self._conn.execute(sql, args)]
-        return runs if hashes is None else [r for r in runs if r["hash"] in hashes]
+        runs = runs if hashes is None else [r for r in runs if r["hash"] in hashes]
+        info = {r[0]: json.loads(r[1]) for r in self._conn.execute("SELECT hash, info FROM run_info")}
+        for run in runs:
+            run["info"] = info.get(run["hash"], {})
+        return runs
 
     def curves(self, hashes: set[str] | None = None) -> dict[str, list[tuple[int, float, float]]]:
         """Each run's loss curve, ``{hash: [(step, loss, seconds), ...]}`` by step (runs without one: absent)."""
@@ -369,6 +395,14 @@ class ResultStore:
         for r in self._conn.execute("SELECT hash, step, loss, seconds FROM curves ORDER BY hash, step"):
             if hashes is None or r[0] in hashes:
                 out[r[0]].append((r[1], r[2], r[3]))
+        return dict(out)
+
+    def evals(self, hashes: set[str] | None = None) -> dict[str, list[tuple[int, int, dict[str, float]]]]:
+        """Each run's eval curve, ``{hash: [(step, tokens, metrics), ...]}`` by step (runs without one: absent)."""
+        out: dict[str, list[tuple[int, int, dict[str, float]]]] = defaultdict(list)
+        for r in self._conn.execute("SELECT hash, step, tokens, metrics FROM evals ORDER BY hash, step"):
+            if hashes is None or r[0] in hashes:
+                out[r[0]].append((r[1], r[2], json.loads(r[3])))
         return dict(out)
 
     def tasks(self) -> list[str]:
@@ -618,12 +652,20 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _merit(metrics: dict[str, float]) -> float:
+    """Higher is better: minus the bits per byte where a run has them (text), else the accuracy."""
+    if "bits_per_byte" in metrics:
+        return -metrics["bits_per_byte"]
+    return metrics.get("accuracy", 0.0)
+
+
 def leaderboard(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (task, model, size, other settings): seeds averaged, the best learning rate kept.
 
     The best lr is the one with the highest mean accuracy at the training length (Zoology's
-    protocol: each model is tuned, then compared). Rows are sorted by task, then accuracy
-    at the training length (best first), then state size.
+    protocol: each model is tuned, then compared); for a task scored in bits per byte (text), the
+    lowest mean bits per byte. Rows are sorted by task, then that score at the training length
+    (best first), then state size.
     """
     groups: dict[str, dict[float, list[dict]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
@@ -633,7 +675,7 @@ def leaderboard(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for by_lr in groups.values():
         def score(item):
             lr, rs = item
-            return (_mean(r["metrics"].get(str(r["train_seq_len"]), {}).get("accuracy", 0.0) for r in rs), -lr)
+            return (_mean(_merit(r["metrics"].get(str(r["train_seq_len"]), {})) for r in rs), -lr)
 
         lr, rs = max(by_lr.items(), key=score)
         cfg = rs[0]["config"]
@@ -652,7 +694,7 @@ def leaderboard(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         })
 
     def order(row):
-        acc = row["metrics"].get(str(row["train_seq_len"]), {}).get("accuracy", 0.0)
-        return (row["task_label"], -acc, row["state_size"], row["model_label"])
+        return (row["task_label"], -_merit(row["metrics"].get(str(row["train_seq_len"]), {})), row["state_size"],
+                row["model_label"])
 
     return sorted(rows, key=order)

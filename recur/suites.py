@@ -42,9 +42,34 @@ DEFAULT_SUITE = SweepConfig.model_validate({
 })
 
 
+# The LM suite: byte-level language modelling on the stdlib's source (task `text`), six families at
+# about 200k parameters each (d_model chosen per model: 197k-204k at 2 layers, vocab 257; the test
+# holds them within 5% of one another). One lr for all (3e-3, the bench suite's), no early stop
+# (a language model does not saturate), the validation curve every 100 steps. Sizing: a step at
+# batch 16, length 256 takes 0.15-0.25 s per worker on 2 cores, so 800 steps (3.3M tokens) are
+# 2-4 min per run and the six runs about 12 minutes with two workers.
+LM_WIDTHS = {"lstm": 72, "mingru": 88, "lru": 80, "gla": 80, "deltanet": 80, "attention": 80}
+LM_SUITE = SweepConfig.model_validate({
+    "models": [{"name": m, "overrides": {"model.d_model": d}} for m, d in LM_WIDTHS.items()],
+    "tasks": [{"name": "text", "args": {"corpus": "code"}, "overrides": {"seq_len": 256}}],
+    "sizes": [{"n_layers": 2}],
+    "seeds": [0],
+    "lrs": [3e-3],
+    "shared": {"optim": {"steps": 800, "batch_size": 16, "warmup": 0.05, "early_stop": None},
+               "eval": {"every": 100, "batches": 2, "lengths": [256, 1024]}},
+})
+SUITES = {"default": DEFAULT_SUITE, "lm": LM_SUITE}
+
+
 def quick(suite: SweepConfig) -> SweepConfig:
     """A smoke-test version of ``suite``: a few steps at a tiny width, one eval batch."""
-    shared = {**suite.shared, "steps": 4, "batch_size": 8, "eval_batches": 1, "early_stop": None}
+    shared = {k: v for k, v in suite.shared.items() if k not in ("optim", "eval")}
+    for section in ("optim", "eval"):  # nested sections: their keys flat, so the smoke values below win
+        shared.update({f"{section}.{k}": v for k, v in suite.shared.get(section, {}).items()})
+    shared.update({"optim.steps": 4, "optim.batch_size": 8, "eval.batches": 1, "optim.early_stop": None,
+                   "eval.lengths": []})
+    if shared.get("eval.every"):
+        shared["eval.every"] = 2
     sizes = [{"d_model": 16, "n_layers": 1}]
     tasks = [{**t.model_dump(), "overrides": {**t.overrides, "seq_len": min(t.overrides.get("seq_len", 64), 32)}}
              for t in suite.tasks]

@@ -78,6 +78,10 @@ class Task(ABC):
     name: ClassVar[str]
     Params: ClassVar[type[TaskParams]] = TaskParams
     description: ClassVar[str] = ""  # token layout and metric, shown by `recur tasks`
+    # The data's splits: the first is trained on, the last is the final evaluation's; a middle one
+    # (validation) is what a run's periodic evaluations read (``eval.every``).
+    splits: ClassVar[tuple[str, ...]] = SPLITS
+    lower_is_better: ClassVar[tuple[str, ...]] = ()  # metrics where less is better (bits_per_byte)
 
     def __init__(self, **params: Any):
         try:
@@ -135,9 +139,25 @@ class Task(ABC):
         seq_ok = ((right | ~mask).all(dim=1) & has_sup).float().sum() / has_sup.sum().clamp(min=1)
         return {"accuracy": float(accuracy), "exact_match": float(seq_ok)}
 
+    def score_output(self, model, out, batch: Batch) -> dict[str, float]:
+        """The metrics of a model's output on ``batch`` (what evaluation calls): by default
+        ``score_predictions`` of its argmax predictions; a task scored from the logits themselves
+        (bits per byte) overrides it."""
+        return self.score_predictions(model.predictions(out, batch), batch)
+
+    def info(self) -> dict[str, Any]:
+        """Facts about this task's data that its parameters do not fix (a corpus's sha256), stored with
+        each run; empty for generated tasks."""
+        return {}
+
+    @property
+    def validation_split(self) -> str:
+        """The split periodic evaluations read: ``validation`` where the task has one, else ``test``."""
+        return "validation" if "validation" in self.splits else self.splits[-1]
+
     def check_split(self, split: str) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self.splits:
+            raise ValueError(f"split must be one of {self.splits}, got {split!r}")
 
     def check_seq_len(self, seq_len: int) -> None:
         if seq_len < self.min_seq_len():

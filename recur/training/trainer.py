@@ -4,7 +4,8 @@
     result.metrics      # {"64": {"accuracy": 0.98, "exact_match": 0.41}, "256": {...}}
 
 AdamW with linear warm-up then cosine decay, global-norm gradient clipping, seeded model and data
-(train batches from split "train", evaluation from split "test"), early stop when the training
+(train batches from split "train", evaluation from split "test"; with ``eval.every``, an eval
+curve on the validation split where the task has one), early stop when the training
 accuracy saturates, and evaluation at every length of ``cfg.eval.lengths`` (length
 generalisation). The model owns its loss (``model.loss(out, batch)``); training methods
 (``cfg.training``, see ``recur.training.method``) change the initial state, the passes, the loss
@@ -19,6 +20,7 @@ import math
 import time
 from collections import deque
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -62,6 +64,10 @@ class RunResult(BaseModel):
     # step. Step 1's seconds are the one-off warm-up (kernel compilation or cache loading, first
     # allocations): the last point's seconds minus the first's is the training time without it.
     curve: list[tuple[int, float, float]] = Field(default_factory=list)
+    # The eval curve (``eval.every``): (step, training tokens seen, metrics at the training length on
+    # the validation split) every ``eval.every`` steps and at the last step.
+    evals: list[tuple[int, int, dict[str, float]]] = Field(default_factory=list)
+    info: dict[str, Any] = Field(default_factory=dict)  # the task's facts about its data (``Task.info``)
 
     def summary(self) -> dict:
         """The stable JSON of `recur run --json`."""
@@ -155,20 +161,26 @@ def head_inputs(model: Architecture, batch: Batch) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model: Architecture, task: Task, cfg: RunConfig, device) -> dict[str, dict[str, float]]:
-    """Mean ``task.score`` over ``cfg.eval.batches`` test batches at every eval length (zero initial state)."""
+def evaluate(model: Architecture, task: Task, cfg: RunConfig, device, split: str | None = None,
+             lengths: list[int] | None = None) -> dict[str, dict[str, float]]:
+    """Mean ``task.score_output`` over ``cfg.eval.batches`` batches of ``split`` (default: the task's
+    last, test) at every length of ``lengths`` (default: ``cfg.eval.lengths``), from a zero initial
+    state. The batches depend only on the seed, the split and the length: every call sees the same."""
+    split = task.splits[-1] if split is None else split
+    was_training = model.training
     model.eval()
     metrics = {}
-    for length in cfg.eval.lengths:
-        gen = _generator(cfg.seed, _SALTS["test"], length)
+    for length in cfg.eval.lengths if lengths is None else lengths:
+        gen = _generator(cfg.seed, _SALTS["test"], length) if split == "test" else \
+            _generator(cfg.seed, _salt(split), length)
         sums: dict[str, float] = {}
         for _ in range(cfg.eval.batches):
-            batch = task.batch(cfg.optim.batch_size, length, gen, split="test").to(device)
+            batch = task.batch(cfg.optim.batch_size, length, gen, split=split).to(device)
             out = model(batch.inputs, **head_inputs(model, batch))
-            for k, v in task.score_predictions(model.predictions(out, batch), batch).items():
+            for k, v in task.score_output(model, out, batch).items():
                 sums[k] = sums.get(k, 0.0) + v
         metrics[str(length)] = {k: v / cfg.eval.batches for k, v in sums.items()}
-    model.train()
+    model.train(was_training)
     return metrics
 
 
@@ -224,6 +236,8 @@ class Trainer:
         self.curve_pending = [0.0, 0]  # loss sum and count of the steps since the last curve point
         self.curve_seconds = 0.0  # training seconds before this process (a resumed run's earlier part)
         self._curve_clock: float | None = None  # when this process started training
+        self.tokens = 0  # training tokens seen (input positions of every batch)
+        self.evals: list[tuple[int, int, dict[str, float]]] = []  # see RunResult.evals; saved in checkpoints
         for m in self.methods:
             m.setup(self)
 
@@ -278,14 +292,26 @@ class Trainer:
         if self.saturated_at is None and self._saturated():
             self.saturated_at = self.step  # part of the step's state (checkpoints keep it)
         self._record_curve(loss.item())
+        self.tokens += batch.inputs.numel()
+        if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
+            self.validate()
         return loss.item(), acc
+
+    def validate(self) -> None:
+        """One point of the eval curve: the metrics at the training length on the validation split."""
+        if self.evals and self.evals[-1][0] == self.step:
+            return
+        split = self.task.validation_split
+        metrics = evaluate(self.model, self.task, self.cfg, self.device, split=split, lengths=[self.cfg.task.seq_len])
+        self.evals.append((self.step, self.tokens, metrics[str(self.cfg.task.seq_len)]))
 
     def curve_state(self) -> dict:
         """The loss curve so far, for a checkpoint (its seconds include this process's training time)."""
         seconds = self.curve_seconds
         if self._curve_clock is not None:
             seconds += time.perf_counter() - self._curve_clock
-        return {"points": [list(p) for p in self.curve], "pending": list(self.curve_pending), "seconds": seconds}
+        return {"points": [list(p) for p in self.curve], "pending": list(self.curve_pending), "seconds": seconds,
+                "tokens": self.tokens, "evals": [list(e) for e in self.evals]}
 
     def load_curve_state(self, state: dict | None) -> None:
         """Restore ``curve_state()`` (None: a checkpoint written before curves were kept, which resumes
@@ -295,6 +321,9 @@ class Trainer:
         self.curve = [(int(s), float(l), float(t)) for s, l, t in state["points"]]
         self.curve_pending = [float(state["pending"][0]), int(state["pending"][1])]
         self.curve_seconds, self._curve_clock = float(state["seconds"]), None
+        # checkpoints from before the eval curve: tokens counted from the step (the batch was fixed)
+        self.tokens = int(state.get("tokens", self.step * self.batch_size * self.seq_len))
+        self.evals = [(int(s), int(n), dict(m)) for s, n, m in state.get("evals", [])]
 
     def _record_curve(self, loss: float, last: bool = False) -> None:
         """Add this step's loss to the curve's pending interval; close the interval into a point at
@@ -340,6 +369,8 @@ class Trainer:
                     checkpoint.save(self, self.checkpoint_dir)
         for m in self.methods:
             m.finish(self)
+        if cfg.eval.every:
+            self.validate()  # the curve ends at the last step (an early stop, or a budget not a multiple)
         metrics = evaluate(self.model, self.task, cfg, self.device)
         return RunResult(
             config=cfg,
@@ -357,6 +388,8 @@ class Trainer:
             train_accuracy=sum(a for _, a in self.window) / max(1, len(self.window)),
             early_stopped=self.early_stopped,
             curve=self.curve,
+            evals=self.evals,
+            info=self.task.info(),
         )
 
 
