@@ -78,6 +78,16 @@ def parse_lengths(text: str) -> list[int]:
     return lengths
 
 
+def parse_token_ids(text: str) -> list[int]:
+    try:
+        ids = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids such as 3,0,17, got {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("expected at least one token id")
+    return ids
+
+
 def _model_arg(text: str) -> str | list[str]:
     """``gla`` or a pattern ``mamba,mamba,swa``."""
     names = [x.strip() for x in text.split(",") if x.strip()]
@@ -162,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _db(bench)
     bench.add_argument("--out", type=Path, default=Path(DEFAULT_REPORT_DIR), help="report directory")
     bench.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU cores, at most 4)")
+    bench.add_argument("--suite", default="default", metavar="NAME",
+                       help="which built-in suite: default (the probes) or lm (bits per byte on text)")
     bench.add_argument("--quick", action="store_true", help="a few steps at a tiny size: a smoke test")
     bench.add_argument("--json", action="store_true", help="print the leaderboard rows as one JSON line instead")
 
@@ -178,6 +190,22 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--results", type=Path, default=None, metavar="PATH",
                      help="also write the finding's section into this results page (e.g. docs/results.md)")
     rep.add_argument("--json", action="store_true", help="print the verdicts as one JSON line (last line of stdout)")
+
+    gen = sub.add_parser("generate", help="sample from a trained checkpoint",
+                         description="Continue a prompt with a trained model, streaming the output. A text task's "
+                                     "prompt is a string; other tasks take token ids.")
+    gen.add_argument("--checkpoint", required=True, type=Path, metavar="PATH",
+                     help="a run's checkpoint folder (recur run --checkpoint-every N), one of its step-* folders, "
+                          "or a --checkpoint-dir that holds one run")
+    what = gen.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the text to continue (text tasks)")
+    what.add_argument("--tokens", type=parse_token_ids, metavar="IDS", help="the prompt as comma-separated token ids")
+    gen.add_argument("--max-new-tokens", type=int, default=200, help="(200)")
+    gen.add_argument("--temperature", type=float, default=0.8, help="0: greedy (0.8)")
+    gen.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens only")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (auto: cuda if available)")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (prompt, output, tokens) instead")
 
     speed = sub.add_parser("speed", help="time our fast modes against references, peers and the machine's limits")
     speed.add_argument("--quick", action="store_true", help="small shapes: a smoke test of every case")
@@ -297,10 +325,13 @@ def cmd_run(args, out: Console, err: Console) -> int:
 
 def _print_run(summary: dict, h: str, out: Console) -> None:
     t = Table(title=f"{summary['model']} on {summary['task']} (seed {summary['seed']}, run {h})", title_justify="left")
-    for col in ("eval length", "accuracy", "exact match"):
-        t.add_column(col, justify="right")
+    # The task's metrics, in the order it reports them (probes: accuracy, exact match; text: bits per byte, accuracy)
+    names = list(dict.fromkeys(k for m in summary["metrics"].values() for k in m))
+    t.add_column("eval length", justify="right")
+    for name in names:
+        t.add_column(name.replace("_", " "), justify="right")
     for n, m in summary["metrics"].items():
-        t.add_row(n, f"{m['accuracy']:.4f}", f"{m['exact_match']:.4f}")
+        t.add_row(n, *(f"{m[k]:.4f}" if k in m else "" for k in names))
     out.print(t)
     out.print(f"params {summary['params']:,}  state size {summary['state_size']:,} floats at T={summary['train_seq_len']}"
               f"  steps {summary['steps']}  time {summary['seconds']:.1f} s")
@@ -437,14 +468,16 @@ def _show_leaderboard(rows: list[dict], as_json: bool, out: Console) -> None:
 
 def cmd_bench(args, out: Console, err: Console) -> int:
     from recur.report import build_report
-    from recur.suites import DEFAULT_SUITE, missing, quick
+    from recur.suites import SUITES, missing, quick
     from recur.sweep import run_sweep
 
-    suite = quick(DEFAULT_SUITE) if args.quick else DEFAULT_SUITE
+    if args.suite not in SUITES:
+        raise UsageError(f"unknown suite {args.suite!r}: choose from {', '.join(SUITES)}")
+    suite = quick(SUITES[args.suite]) if args.quick else SUITES[args.suite]
     absent = missing(suite)
     if absent["models"] or absent["tasks"]:
         what = "; ".join(f"{kind} {', '.join(names)}" for kind, names in absent.items() if names)
-        raise UsageError(f"the default bench suite needs {what}, which are not registered in this install "
+        raise UsageError(f"the {args.suite} bench suite needs {what}, which are not registered in this install "
                          "(see `recur models` and `recur tasks`)")
     configs = suite.expand()
     workers = args.workers if args.workers is not None else max(1, min(os.cpu_count() or 1, 4))
@@ -503,6 +536,44 @@ def cmd_reproduce(args, out: Console, err: Console) -> int:
         err.print(f"section {finding.name} written to {args.results}")
     if args.json:
         print(json.dumps(outcome.as_json()))
+    return 0
+
+
+def cmd_generate(args, out: Console, err: Console) -> int:
+    from recur.generate import generate_text, generate_tokens, is_text_task, load_checkpoint, prompt_tokens
+    from recur.models.base import check_sampling
+
+    model, task, cfg = load_checkpoint(args.checkpoint, args.device)
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, task.vocab_size)
+        prompt = prompt_tokens(task, prompt=args.prompt, tokens=args.tokens)
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    err.print(f"{cfg.model_name} on {cfg.task.name}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+              f"from {args.checkpoint}", highlight=False)
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    if args.prompt is not None and is_text_task(task):
+        pieces = []
+        if not args.json:
+            print(args.prompt, end="", flush=True)
+        for piece in generate_text(model, task, args.prompt, args.max_new_tokens, **sampling):
+            pieces.append(piece)
+            if not args.json:
+                print(piece, end="", flush=True)
+        if args.json:
+            print(json.dumps({"prompt": args.prompt, "output": "".join(pieces)}))
+        else:
+            print()
+        return 0
+    new = []
+    for t in generate_tokens(model, prompt, args.max_new_tokens, **sampling):
+        new.append(t)
+        if not args.json:
+            print(t, end=" ", flush=True)
+    if args.json:
+        print(json.dumps({"prompt": prompt, "tokens": new}))
+    else:
+        print()
     return 0
 
 
@@ -630,7 +701,7 @@ def cmd_methods(args, out: Console, err: Console) -> int:
 
 
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "bench": cmd_bench,
-            "reproduce": cmd_reproduce, "speed": cmd_speed, "tasks": cmd_tasks, "models": cmd_models, "archs": cmd_archs, "methods": cmd_methods}
+            "reproduce": cmd_reproduce, "generate": cmd_generate, "speed": cmd_speed, "tasks": cmd_tasks, "models": cmd_models, "archs": cmd_archs, "methods": cmd_methods}
 
 
 def main(argv: list[str] | None = None) -> int:

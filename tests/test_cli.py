@@ -107,7 +107,7 @@ def test_bench_quick(tmp_path, capsys):
 
 def test_bench_names_unregistered_models_and_tasks_and_runs_nothing(tmp_path, monkeypatch, capsys):
     suite = SweepConfig.model_validate({"models": ["elman", "not_a_model"], "tasks": ["harness_shift", "not_a_task"]})
-    monkeypatch.setattr(suites, "DEFAULT_SUITE", suite)
+    monkeypatch.setitem(suites.SUITES, "default", suite)
     assert main(["bench", "--db", str(tmp_path / "b.sqlite"), "--out", str(tmp_path / "rep")]) == 2
     err = capsys.readouterr().err
     assert "needs models not_a_model; tasks not_a_task, which are not registered" in err and "Traceback" not in err
