@@ -227,7 +227,10 @@ def _errorbar(ax, xs, values: list[list[float]], style: dict, label: str) -> Non
 
 def plot_state_size(rows: list[_Row], title: str, path: Path, chance: float | None = None,
                     styles: dict | None = None) -> None:
-    """Accuracy at the training length vs state size (log x), one line per model (Zoology, Arora et al. 2023)."""
+    """Accuracy at the training length vs state size (log x), one line per model (Zoology, Arora et al. 2023);
+    bits per byte where the task is scored in them."""
+    key = "bits_per_byte" if _bpb([r.row for r in rows]) else "accuracy"
+    metric = "bits per byte" if key != "accuracy" else "accuracy"
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.add_subplot()
     by_model: dict[str, list[_Row]] = defaultdict(list)
@@ -236,32 +239,36 @@ def plot_state_size(rows: list[_Row], title: str, path: Path, chance: float | No
     styles = styles or _styles(rows)
     at_x: dict[int, list[str]] = defaultdict(list)  # the models with a point at each state size
     for model, rs in sorted(by_model.items()):
-        for x in sorted({max(1, r.row["state_size"]) for r in rs if r.accs(r.row["train_seq_len"])}):
+        for x in sorted({max(1, r.row["state_size"]) for r in rs if r.accs(r.row["train_seq_len"], key)}):
             at_x[x].append(model)
     for model, rs in sorted(by_model.items()):
-        rs = sorted((r for r in rs if r.accs(r.row["train_seq_len"])), key=lambda r: r.row["state_size"])
+        rs = sorted((r for r in rs if r.accs(r.row["train_seq_len"], key)), key=lambda r: r.row["state_size"])
         if not rs:
             continue
         sizes = [max(1, r.row["state_size"]) for r in rs]
         xs = [x * _dodge(at_x[x].index(model), len(at_x[x])) for x in sizes]  # shifted only where shared
-        _errorbar(ax, xs, [r.accs(r.row["train_seq_len"]) for r in rs], styles[model], model)
+        _errorbar(ax, xs, [r.accs(r.row["train_seq_len"], key) for r in rs], styles[model], model)
     xs_all = list(at_x)
-    _chance_line(ax, chance)
+    if key == "accuracy":
+        _chance_line(ax, chance)
     ax.set_xscale("log")
     if xs_all:
         _log_ticks(ax, xs_all, _fmt_tick)
     ax.set_xlabel("state size (floats per sequence at the training length)")
-    ax.set_ylabel("accuracy at the training length")
-    ax.set_ylim(-0.03, 1.05)  # a marker at 1.0 stays whole
-    ax.set_title(f"{title}\naccuracy vs state size", fontsize=10)
+    ax.set_ylabel(f"{metric} at the training length" + (" (lower is better)" if key != "accuracy" else ""))
+    if key == "accuracy":
+        ax.set_ylim(-0.03, 1.05)  # a marker at 1.0 stays whole
+    ax.set_title(f"{title}\n{metric} vs state size", fontsize=10)
     ax.grid(alpha=0.3)
-    _legend(ax, len(by_model) + (chance is not None))
+    _legend(ax, len(by_model) + (chance is not None and key == "accuracy"))
     _save(fig, path)
 
 
 def plot_length(rows: list[_Row], title: str, path: Path, chance: float | None = None,
                 styles: dict | None = None) -> None:
-    """Accuracy vs evaluation length for each model's best row (length generalization)."""
+    """Accuracy vs evaluation length for each model's best row (length generalization); bits per
+    byte where the task is scored in them (language modelling: does a longer context help or hurt?)."""
+    key = "bits_per_byte" if _bpb([r.row for r in rows]) else "accuracy"
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.add_subplot()
     best: dict[str, _Row] = {}
@@ -270,13 +277,14 @@ def plot_length(rows: list[_Row], title: str, path: Path, chance: float | None =
     styles = styles or _styles(rows)
     train_lens = set()
     for i, (model, r) in enumerate(sorted(best.items())):
-        lengths = [n for n in sorted(int(n) for n in r.row["metrics"]) if r.accs(n)]
+        lengths = [n for n in sorted(int(n) for n in r.row["metrics"]) if r.accs(n, key)]
         xs = [n * _dodge(i, len(best), width=0.025) for n in lengths]
-        _errorbar(ax, xs, [r.accs(n) for n in lengths], styles[model], f"{model} ({r.size})")
+        _errorbar(ax, xs, [r.accs(n, key) for n in lengths], styles[model], f"{model} ({r.size})")
         train_lens.add(r.row["train_seq_len"])
     for n in sorted(train_lens):
         ax.axvline(n, color="grey", linestyle=":", linewidth=1)
-    _chance_line(ax, chance)
+    if key == "accuracy":
+        _chance_line(ax, chance)
     ax.set_xscale("log", base=2)
     ticks = sorted({int(n) for r in best.values() for n in r.row["metrics"]})
     if ticks:
@@ -291,11 +299,14 @@ def plot_length(rows: list[_Row], title: str, path: Path, chance: float | None =
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.0f}"))
         ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("evaluation length (dotted: training length)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.03, 1.05)  # a marker at 1.0 stays whole
+    if key == "accuracy":
+        ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.03, 1.05)  # a marker at 1.0 stays whole
+    else:
+        ax.set_ylabel("bits per byte (lower is better)")
     ax.set_title(f"{title}\nlength generalization (each model's best row)", fontsize=10)
     ax.grid(alpha=0.3)
-    _legend(ax, len(best) + (chance is not None))
+    _legend(ax, len(best) + (chance is not None and key == "accuracy"))
     _save(fig, path)
 
 
@@ -465,13 +476,16 @@ def _html_table(rows: list[_Row]) -> str:
 
 _HOW = """<p class="how"><b>How to read this page.</b> Each table row is one model at one size on one
 task: its seeds are averaged (grey under a value: the lowest and highest seed), and of the learning
-rates tried the one with the best mean accuracy at the training length is shown. <i>acc@N</i> is the
-token accuracy on held-out test sequences of length N (length generalization beyond the training
-length); <i>exact@train</i> the share of sequences with every supervised position right. <i>State
+rates tried the one with the best mean accuracy at the training length is shown (on text: the lowest
+bits per byte). <i>acc@N</i> is the token accuracy on held-out test sequences of length N (length
+generalization beyond the training length); <i>bpb@N</i>, on text, the bits per byte (the next-byte
+cross-entropy in bits, lower is better) on the held-out test documents at context length N;
+<i>exact@train</i> the share of sequences with every supervised position right. <i>State
 size</i> is the floats of memory a model carries per sequence at the training length, summed over
 layers. <i>Steps run / budget</i>: a run stops early when its training accuracy saturates. The run
 hashes name the runs in the store (<code>recur run ... --json</code> prints a run's hash; the
-store is an SQLite file with tables <code>runs</code> and <code>curves</code>). In the figures the
+store is an SQLite file with tables <code>runs</code>, <code>curves</code> and <code>evals</code>, the
+validation curve). In the figures the
 dashed line is chance: the accuracy of guessing uniformly among the task's possible answers. Points
 of different models at one x are shifted a little sideways and carry distinct markers; bars span the
 seeds' min-max. Training time leaves out the first step, which holds the one-off compilation (or
@@ -509,8 +523,8 @@ def build_report(store: ResultStore | str | Path, out_dir: str | Path, hashes: s
         chance, styles = _chance(rs), _styles(rs)
         plot_state_size(rs, task, out / f"{slug}_state_size.png", chance, styles)
         plot_length(rs, task, out / f"{slug}_length.png", chance, styles)
-        figs = [(f"{slug}_state_size.png", "accuracy vs state size"),
-                (f"{slug}_length.png", "accuracy vs evaluation length")]
+        figs = [(f"{slug}_state_size.png", ("bits per byte" if _bpb(trs) else "accuracy") + " vs state size"),
+                (f"{slug}_length.png", ("bits per byte" if _bpb(trs) else "accuracy") + " vs evaluation length")]
         if plot_evals(rs, task, out / f"{slug}_evals.png", styles):
             figs.insert(0, (f"{slug}_evals.png", "validation metric against training tokens"))
         if plot_curves(rs, task, out / f"{slug}_loss.png", styles):

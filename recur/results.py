@@ -366,7 +366,12 @@ class ResultStore:
 
     def get(self, config_hash: str) -> dict[str, Any] | None:
         row = self._conn.execute("SELECT * FROM runs WHERE hash = ?", (config_hash,)).fetchone()
-        return None if row is None else _decode(row)
+        if row is None:
+            return None
+        run = _decode(row)
+        info = self._conn.execute("SELECT info FROM run_info WHERE hash = ?", (config_hash,)).fetchone()
+        run["info"] = {} if info is None else json.loads(info[0])  # as all_runs gives it
+        return run
 
     def __len__(self) -> int:
         return self._conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
