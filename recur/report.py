@@ -79,7 +79,8 @@ def leaderboard_tables(rows: list[dict[str, Any]]) -> list[Table]:
             t.add_column(f"bpb@{n}", justify="right")
         for n in lengths:
             t.add_column(f"acc@{n}", justify="right")
-        for col in ("exact@train", "lr", "seeds", "steps", "time (s)"):
+        # text is scored per byte, not per sequence: no exact-match column
+        for col in ("exact@train",) * (not bpb) + ("lr", "seeds", "steps", "time (s)"):
             t.add_column(col, justify="right")
         for r in trs:
             accs = [_acc(r, n) for n in lengths]
@@ -89,7 +90,7 @@ def leaderboard_tables(rows: list[dict[str, Any]]) -> list[Table]:
                       _fmt_state(r["params"]),
                       *("-" if b is None else f"{b:.3f}" for b in bits),
                       *("-" if a is None else f"{a:.3f}" for a in accs),
-                      "-" if exact is None else f"{exact:.3f}", f"{r['lr']:g}", str(r["seeds"]),
+                      *(("-" if exact is None else f"{exact:.3f}",) * (not bpb)), f"{r['lr']:g}", str(r["seeds"]),
                       f"{r['steps']:.0f}", f"{r['seconds']:.1f}")
         tables.append(t)
     return tables
@@ -453,7 +454,7 @@ def _html_table(rows: list[_Row]) -> str:
     lengths = _lengths([r.row for r in rows])
     bpb = [f"bpb@{n}" for n in lengths] if _bpb([r.row for r in rows]) else []
     head = ["model", "d_model", "layers", "state size", "params", *bpb, *(f"acc@{n}" for n in lengths),
-            "exact@train", "lr", "seeds", "steps run / budget", "batch", "train length", "time (s)", "runs (hash)"]
+            *["exact@train"] * (not bpb), "lr", "seeds", "steps run / budget", "batch", "train length", "time (s)", "runs (hash)"]
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
         row = r.row
@@ -465,7 +466,8 @@ def _html_table(rows: list[_Row]) -> str:
         cells = [html.escape(r.label), row["d_model"], row["n_layers"], f"{row['state_size']:,}", f"{row['params']:,}",
                  *(_cell(r.accs(n, "bits_per_byte"), _acc(row, n, "bits_per_byte")) for n in lengths if bpb),
                  *(_cell(r.accs(n), _acc(row, n)) for n in lengths),
-                 _cell(r.accs(row["train_seq_len"], "exact_match"), _acc(row, row["train_seq_len"], "exact_match")),
+                 *[_cell(r.accs(row["train_seq_len"], "exact_match"),
+                         _acc(row, row["train_seq_len"], "exact_match"))] * (not bpb),
                  f"{row['lr']:g}", row["seeds"], steps_text, optim.get("batch_size", "-"), row["train_seq_len"],
                  _cell(secs, row["seconds"], ".1f")]
         hashes = "<br>".join(html.escape(h) for h in row["hashes"])

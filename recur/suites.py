@@ -44,10 +44,11 @@ DEFAULT_SUITE = SweepConfig.model_validate({
 
 # The LM suite: byte-level language modelling on the stdlib's source (task `text`), six families at
 # about 200k parameters each (d_model chosen per model: 197k-204k at 2 layers, vocab 257; the test
-# holds them within 5% of one another). One lr for all (3e-3, the bench suite's), no early stop
-# (a language model does not saturate), the validation curve every 100 steps. Sizing: a step at
-# batch 16, length 256 takes 0.15-0.25 s per worker on 2 cores, so 800 steps (3.3M tokens) are
-# 2-4 min per run and the six runs about 12 minutes with two workers.
+# holds them within 5% of one another). One lr for all (3e-3, the bench suite's), no early stop (a
+# language model does not saturate), the validation curve every 100 steps, and 8 eval batches (32k
+# bytes at length 256, 128k at 1024; every model reads the same windows, so the comparison is
+# paired). Sizing: 800 steps at batch 16, length 256 (3.3M tokens) took 1.5-3.5 min per run on 2
+# cores shared with other jobs, the six runs 7.3 minutes with two workers (the budget is 15).
 LM_WIDTHS = {"lstm": 72, "mingru": 88, "lru": 80, "gla": 80, "deltanet": 80, "attention": 80}
 LM_SUITE = SweepConfig.model_validate({
     "models": [{"name": m, "overrides": {"model.d_model": d}} for m, d in LM_WIDTHS.items()],
@@ -56,7 +57,7 @@ LM_SUITE = SweepConfig.model_validate({
     "seeds": [0],
     "lrs": [3e-3],
     "shared": {"optim": {"steps": 800, "batch_size": 16, "warmup": 0.05, "early_stop": None},
-               "eval": {"every": 100, "batches": 2, "lengths": [256, 1024]}},
+               "eval": {"every": 100, "batches": 8, "lengths": [256, 1024]}},
 })
 SUITES = {"default": DEFAULT_SUITE, "lm": LM_SUITE}
 
