@@ -662,6 +662,65 @@ def sparse_head_case(machine: Machine, quick: bool) -> list[Result]:
     return [sparse_head_rows(8192, 64, 96, 64, 2, repeats), sparse_head_rows(256, 64, 96, 64, 2, repeats)]
 
 
+HF_GENERATE_PATTERNS = ("gla", "lstm", "attention")
+HF_GENERATE_TARGET = 1.2  # transformers' generate at most this many times slower than recur's own
+
+
+def hf_generate_rows(d_model: int, n_layers: int, prompt_len: int, new_tokens: int, repeats: int,
+                     patterns: Iterable[str] = HF_GENERATE_PATTERNS, vocab: int = 257) -> list[Result]:
+    """One Result per pattern: greedy ``generate`` of ``new_tokens`` after a prompt of ``prompt_len``
+    (batch 1) through transformers (``RecurForCausalLM``, use_cache) against recur's own
+    ``CausalLM.generate`` on the same model, interleaved call by call. Both generate the same
+    tokens (``extra.same_tokens``); what differs is transformers' loop around the same forward
+    calls (logits processors, stopping criteria, input preparation, output objects per step).
+    Without transformers: no rows, and a message on stderr naming the extra to install."""
+    try:
+        from recur.hf import RecurForCausalLM
+    except ImportError as e:
+        print(f"recur speed: hf_generate skipped: {e}", file=sys.stderr)
+        return []
+    from recur import CausalLM
+    from recur.config import ModelConfig
+
+    prompt = torch.randint(0, vocab, (1, prompt_len), generator=_g(61))
+    shape = f"B=1 prompt={prompt_len} new={new_tokens} d={d_model} L={n_layers} V={vocab}"
+    rows = []
+    for pattern in patterns:
+        config = ModelConfig(mixer=pattern, d_model=d_model, n_layers=n_layers)
+        torch.manual_seed(0)
+        lm = CausalLM.from_config(config, vocab_size=vocab).eval()
+        hf = RecurForCausalLM.from_recur(lm, config, vocab).eval()
+
+        def with_hf(hf=hf):
+            return hf.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_cache=True)
+
+        def native(lm=lm):
+            return lm.generate(prompt, new_tokens)
+
+        same = bool(torch.equal(with_hf(), native()))
+        hf_s, native_s = measure_interleaved([with_hf, native], repeats)
+        target = f"transformers generate within {HF_GENERATE_TARGET}x of recur's, same tokens"
+        r = Result(f"hf_generate_{pattern}", shape, "generate", hf_s, "recur CausalLM.generate", native_s,
+                   native_s / hf_s, target=target,
+                   extra={"tokens_per_s_hf": round(new_tokens / hf_s, 1),
+                          "tokens_per_s_native": round(new_tokens / native_s, 1),
+                          "hf_over_native": round(hf_s / native_s, 3), "same_tokens": same})
+        r.met = same and hf_s <= HF_GENERATE_TARGET * native_s
+        rows.append(r)
+    return rows
+
+
+@case("hf_generate")
+def hf_generate_case(machine: Machine, quick: bool) -> list[Result]:
+    """Hugging Face ``generate`` (greedy, with the state cache) of gla, lstm and attention
+    CausalLMs (d_model 128, 2 layers, vocab 257; a prompt of 16 tokens, then 128 new tokens, 32
+    with --quick) within 1.2x of recur's own generate on the same model. transformers' loop adds
+    a fixed cost per token (about 0.2 ms on a 2-core CPU), so the ratio falls as the model grows."""
+    if quick:
+        return hf_generate_rows(128, 2, 16, 32, repeats=3)
+    return hf_generate_rows(128, 2, 16, 128, repeats=7)
+
+
 # ------------------------------------------------------------------------------ running
 def run(only: Iterable[str] | None = None, quick: bool = False, threads: int | None = None,
         on_case: Callable[[str], None] | None = None) -> dict[str, Any]:
