@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -n auto
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -n auto -m ""
+	$(BIN)/python -m pytest -n auto -m "not gpus"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

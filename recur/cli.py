@@ -2,7 +2,11 @@
 
     recur run --task mqar --model gla [--arch causal_lm] [--d-model 64] [--task-arg num_kv_pairs=8]
               [--set model.block.mlp=gelu] [--train tbptt:k1=16] [--checkpoint-every 100] [--resume] [--json]
-    recur sweep grid.yaml [--workers 2]
+              [--track tensorboard,wandb] [--track-dir runs]
+    torchrun --standalone --nproc-per-node 2 -m recur run ...    (data-parallel: recur.training.distributed)
+    recur export --tensorboard runs [--hash H ...]
+    recur sweep grid.yaml [--workers 2] [--executor ray [--address auto]] [--shard 1/4]
+    recur store merge part-1.sqlite part-2.sqlite -o all.sqlite
     recur bench [--quick]
     recur report [--out recur-report]
     recur speed [--quick] [--json] [--only scan gla ...] [--markdown benchmarks/RESULTS.md]
@@ -111,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train one model on one task and record it",
                          description="Train one model on one task, evaluate it at every eval length, record it "
-                                     "in the store (skipped if this exact config is already there).")
+                                     "in the store (skipped if this exact config is already there). Under torchrun "
+                                     "(torchrun --nproc-per-node N -m recur run ...) the N processes train it "
+                                     "data-parallel: --batch-size is the global batch, split evenly over them.")
     run.add_argument("--task", required=True, help="task name (see `recur tasks`)")
     run.add_argument("--model", required=True, type=_model_arg,
                      help="mixer name, preset, or comma-separated pattern such as mamba,mamba,swa (see `recur models`)")
@@ -157,11 +163,43 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="run even if this config is in the store (replaces it)")
     run.add_argument("--json", action="store_true", help="print the result as one JSON line (last line of stdout)")
     run.add_argument("--no-progress", action="store_true")
+    run.add_argument("--track", action="append", default=[], metavar="TRACKER",
+                     help="also log the run while it trains: tensorboard, wandb (offline unless WANDB_MODE is set); "
+                          "repeatable or comma-separated (see recur.tracking)")
+    run.add_argument("--track-dir", type=Path, default=Path("runs"), metavar="DIR",
+                     help="where trackers write: DIR/<run name>/ event files, DIR/wandb/ (default ./runs)")
 
     sweep = sub.add_parser("sweep", help="run a YAML grid of configs, resumably")
     sweep.add_argument("file", type=Path)
-    sweep.add_argument("--workers", type=int, default=1, help="worker processes (default 1: in this process)")
+    sweep.add_argument("--workers", type=int, default=None,
+                       help="worker processes (default 1: in this process); with --executor ray, runs at a time "
+                            "(default: the cluster's GPUs, else its CPUs) and the CPUs of a local Ray (default: all)")
+    sweep.add_argument("--executor", choices=["local", "ray"], default="local",
+                       help="local: this process or --workers processes (default); ray: each run a Ray task, "
+                            "this process writing the store (pip install 'recur[ray]')")
+    sweep.add_argument("--address", default=None,
+                       help="with --executor ray: the cluster (auto, HOST:PORT, ray://HOST:10001; default "
+                            "$RAY_ADDRESS, else a local Ray started for this sweep)")
+    sweep.add_argument("--retries", type=int, default=None,
+                       help="with --executor ray: attempts of a run after its worker dies (default 1)")
+    sweep.add_argument("--shard", default=None, metavar="I/N",
+                       help="run only shard I of N (1 to N) of the grid, split by run hash; merge the shards' "
+                            "stores with `recur store merge`")
     _db(sweep)
+
+    store = sub.add_parser("store", help="work on results stores: merge several into one")
+    store_actions = store.add_subparsers(dest="store_command", required=True, metavar="ACTION")
+    merge = store_actions.add_parser(
+        "merge", help="merge stores into one, one run per hash",
+        description="Copy every run of the input stores (read-only) into the output, each whole (its curves, "
+                    "evals and info too), one per hash; where copies of a hash differ, the newest is kept and "
+                    "reported. An existing output keeps its runs and takes part in the merge.")
+    merge.add_argument("inputs", nargs="+", type=Path, metavar="STORE", help="stores to merge (read only)")
+    merge.add_argument("-o", "--out", required=True, type=Path, metavar="PATH",
+                       help="the merged store (created, or merged into); not one of the inputs")
+    merge.add_argument("--json", action="store_true", help="print the summary as one JSON line instead")
+    merge.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, show the Python traceback too")
 
     report = sub.add_parser("report", help="write the HTML report (and print the leaderboard)")
     _db(report)
@@ -225,6 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
     archs.add_argument("--json", action="store_true")
     methods = sub.add_parser("methods", help="list the registered training methods and their options")
     methods.add_argument("--json", action="store_true")
+    export = sub.add_parser("export", help="write stored runs as TensorBoard event files",
+                            description="Replay finished runs from the store (loss curve, eval curve, final metrics, "
+                                        "config as hyperparameters) as TensorBoard event files, without training.")
+    export.add_argument("--tensorboard", required=True, type=Path, metavar="DIR",
+                        help="write DIR/<run name>/ event files (tensorboard --logdir DIR shows them)")
+    export.add_argument("--hash", dest="hashes", action="append", default=[], metavar="H",
+                        help="only this run (a hash or a unique prefix; repeatable; default: every run)")
+    _db(export)
+    export.add_argument("--json", action="store_true", help="print the written runs as one JSON line")
     for command in sub.choices.values():  # `recur run ... --debug` as well as `recur --debug run ...`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                              help="on an error, show the Python traceback too")
@@ -275,8 +322,14 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def cmd_run(args, out: Console, err: Console) -> int:
+    """Train one run and record it. Under torchrun (WORLD_SIZE > 1) every process runs this command:
+    the ranks train the run data-parallel (``recur.training.distributed``) and rank 0 alone reads and
+    writes the store, tracks and prints; its decision (train, or show the stored run) is every rank's."""
+    import contextlib
+
+    from recur import tracking
     from recur.sweep import import_modules
-    from recur.training import ConfigError, RunResult, train
+    from recur.training import ConfigError, RunResult, distributed, train
 
     try:
         import_modules(args.imports)
@@ -286,12 +339,29 @@ def cmd_run(args, out: Console, err: Console) -> int:
     if args.checkpoint_every is not None and args.checkpoint_every < 1:
         raise UsageError(f"--checkpoint-every: checkpoint_every must be >= 1 (steps between checkpoints), "
                          f"got {args.checkpoint_every}")
+    if args.resume and args.force:
+        raise UsageError("--resume continues a run from its checkpoint; --force starts it over: choose one")
+    trackers = tracking.parse_names(args.track)
     h = config_hash(cfg)
-    with ResultStore(args.db) as store:
-        stored = store.get(h)
-        if args.resume and args.force:
-            raise UsageError("--resume continues a run from its checkpoint; --force starts it over: choose one")
+    with distributed.session(cfg.device) as dist, contextlib.ExitStack() as stack:
+        main_rank = dist is None or dist.is_main
+        if dist is not None:
+            dist.rows(cfg.optim.batch_size)  # the global batch splits evenly over the ranks, or every rank says so
+        store, stored, tracker, problem = None, None, None, None
+        if main_rank:
+            store = stack.enter_context(ResultStore(args.db))
+            stored = store.get(h)
+            try:  # a tracker that cannot start (its package missing) stops the run before training
+                tracker = tracking.make_tracker(trackers, args.track_dir) if stored is None or args.force else None
+            except ConfigError as e:
+                problem = str(e)
+        if dist is not None:
+            stored, problem = dist.broadcast_object((stored, problem))
+        if problem is not None:
+            raise ConfigError(problem)
         if stored is not None and not args.force:
+            if not main_rank:
+                return 0
             err.print(f"config {h} is already in {args.db} (recorded {stored['created']}): showing it; "
                       "--force runs it again")
             summary = {k: stored[k] for k in ("task", "model", "seed", "params", "state_size", "train_seq_len",
@@ -302,9 +372,14 @@ def cmd_run(args, out: Console, err: Console) -> int:
                 raise UsageError(f"--resume: no checkpoint of run {h} in {args.checkpoint_dir} "
                                  "(write them with --checkpoint-every N)")
             check_run(cfg)  # a run that cannot start fails here, in one line, not at its first step
+            if dist is not None and main_rank:
+                err.print(f"data-parallel over {dist.world_size} processes ({dist.backend}, {dist.device.type}): "
+                          f"{cfg.optim.batch_size // max(1, dist.world_size)} sequences each of the global batch "
+                          f"of {cfg.optim.batch_size}")
             try:
                 result: RunResult = train(cfg, progress=not args.no_progress and not args.json, checkpoint_dir=ckpt,
-                                          checkpoint_every=args.checkpoint_every, resume=args.resume)
+                                          checkpoint_every=args.checkpoint_every, resume=args.resume, dist=dist,
+                                          tracker=tracker)
             except ConfigError:
                 raise
             except Exception as e:  # noqa: BLE001 - nothing is written; say why in one line
@@ -313,13 +388,34 @@ def cmd_run(args, out: Console, err: Console) -> int:
                 err.print(f"recur run: the run failed, nothing was recorded: {type(e).__name__}: {e}",
                           markup=False, highlight=False)
                 return 1
-            store.put(result)
+            if main_rank:
+                store.put(result)
+                err.print(f"recorded run {h} in {args.db}")
+            if dist is not None:
+                dist.barrier()  # the job ends once the run is recorded
+            if not main_rank:
+                return 0
             summary = result.summary()
-            err.print(f"recorded run {h} in {args.db}")
     if args.json:
         print(json.dumps(summary))
     else:
         _print_run(summary, h, out)
+    return 0
+
+
+def cmd_export(args, out: Console, err: Console) -> int:
+    """Replay stored runs as TensorBoard event files (``recur.tracking.export_tensorboard``)."""
+    from recur import tracking
+
+    if not args.db.exists():
+        raise UsageError(f"--db {args.db}: no such results store")
+    with ResultStore(args.db, readonly=True) as store:
+        folders = tracking.export_tensorboard(store, args.tensorboard, args.hashes or None)
+    if args.json:
+        print(json.dumps({"tensorboard": str(args.tensorboard), "runs": [f.name for f in folders]}))
+    else:
+        err.print(f"wrote {len(folders)} run{'s' if len(folders) != 1 else ''} from {args.db} to {args.tensorboard} "
+                  f"(tensorboard --logdir {args.tensorboard})")
     return 0
 
 
@@ -423,12 +519,29 @@ def _report_dir(path: Path) -> Path:
 
 
 def cmd_sweep(args, out: Console, err: Console) -> int:
-    from recur.sweep import import_modules, run_sweep
+    from recur.sweep import import_modules, parse_shard, run_sweep, shard
 
     if not args.file.exists():
         raise UsageError(f"no such sweep file: {args.file}")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    ray = args.executor == "ray"
+    for flag, value in (("--address", args.address), ("--retries", args.retries)):
+        if value is not None and not ray:
+            raise UsageError(f"{flag} is an option of --executor ray (this sweep's executor is {args.executor})")
+    if args.retries is not None and args.retries < 0:
+        raise UsageError(f"--retries must be >= 0, got {args.retries}")
+    try:
+        part = parse_shard(args.shard) if args.shard is not None else None
+    except ValueError as e:
+        raise UsageError(f"--shard: {e}") from None
+    if ray:
+        from recur.ray_executor import require_ray
+
+        try:
+            require_ray()
+        except ImportError as e:
+            raise UsageError(str(e)) from None
     sweep = SweepConfig.from_yaml(args.file)  # every message names the file
     try:
         import_modules(sweep.imports)
@@ -438,10 +551,29 @@ def cmd_sweep(args, out: Console, err: Console) -> int:
         configs = sweep.expand()
     except ValueError as e:
         raise UsageError(f"{args.file}: {e}") from None
+    if part is not None:
+        mine = shard(configs, *part)
+        err.print(f"shard {part[0]}/{part[1]}: {len(mine)} of the grid's {len(configs)} runs (split by run hash)")
+        configs = mine
     check_runs(configs, where=str(args.file))  # every run, before the first one trains
     with ResultStore(args.db) as store:
-        summary = run_sweep(configs, store, workers=args.workers, imports=sweep.imports, console=err)
+        summary = run_sweep(configs, store, workers=args.workers if ray else args.workers or 1,
+                            imports=sweep.imports, console=err, executor=args.executor, address=args.address,
+                            retries=args.retries)
     return _report_sweep(summary, err)
+
+
+def cmd_store(args, out: Console, err: Console) -> int:
+    from recur.store_merge import merge_stores
+
+    summary = merge_stores(args.inputs, args.out)  # StoreError: one line, exit 2
+    for conflict in summary.conflicts:
+        err.print(conflict.line(), markup=False, highlight=False)
+    if args.json:
+        out.print(json.dumps(summary.as_json()), markup=False, highlight=False, soft_wrap=True)
+    else:
+        out.print(summary.line(), markup=False, highlight=False)
+    return 0
 
 
 def cmd_report(args, out: Console, err: Console) -> int:
@@ -700,8 +832,9 @@ def cmd_methods(args, out: Console, err: Console) -> int:
     return _registry_table(METHODS, "training methods (recur run --train NAME:KEY=VALUE,...)", args, out)
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "bench": cmd_bench,
-            "reproduce": cmd_reproduce, "generate": cmd_generate, "speed": cmd_speed, "tasks": cmd_tasks, "models": cmd_models, "archs": cmd_archs, "methods": cmd_methods}
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "store": cmd_store, "report": cmd_report, "bench": cmd_bench,
+            "reproduce": cmd_reproduce, "generate": cmd_generate, "speed": cmd_speed, "tasks": cmd_tasks, "models": cmd_models, "archs": cmd_archs, "methods": cmd_methods,
+            "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

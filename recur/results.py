@@ -7,6 +7,7 @@
     store.leaderboard("mqar")         # seeds averaged, best lr per (model, size)
     store.curves()                    # {hash: [(step, loss, seconds), ...]}: the training-loss curves
     store.evals()                     # {hash: [(step, tokens, metrics), ...]}: the eval curves (eval.every)
+    store.records()                   # whole runs as rows, every table; put_records writes them (store merge)
 
 Each run (its row in ``runs``, its loss curve in ``curves``, its eval curve in ``evals`` and its
 data's facts in ``run_info``, e.g. a corpus's sha256, read back as each run's ``info``) is written in its own transaction
@@ -53,7 +54,7 @@ import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 from urllib.parse import quote
 
 if TYPE_CHECKING:
@@ -117,6 +118,10 @@ CREATE TABLE IF NOT EXISTS claims (    -- runs being trained now, by whom (Resul
 
 # The first bytes of every SQLite 3 database file.
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# Tables of one row or more per run, keyed by its hash: written with the run (put), deleted with it
+# (delete) and carried with it when stores are merged (recur.store_merge).
+PER_RUN_TABLES = ("curves", "evals", "run_info")
 
 _COLUMNS = ("hash", "config", "task", "model", "seed", "d_model", "n_layers", "lr", "params", "state_size",
             "train_seq_len", "steps", "seconds", "metrics", "train_loss", "train_accuracy", "early_stopped",
@@ -310,9 +315,48 @@ class ResultStore:
 
     def delete(self, config_hash: str) -> bool:
         with self._transaction():
-            for table in ("curves", "evals", "run_info"):
+            for table in PER_RUN_TABLES:
                 self._conn.execute(f"DELETE FROM {table} WHERE hash = ?", (config_hash,))
             return self._conn.execute("DELETE FROM runs WHERE hash = ?", (config_hash,)).rowcount > 0
+
+    # -------------------------------------------------------------- whole runs as rows (merging stores)
+    def records(self, hashes: set[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Each run as stored, by hash: ``(hash, {"runs": {column: value}, "curves": [{column: value}, ...],
+        ...})`` with every table of ``PER_RUN_TABLES``, its rows in key order; what ``put_records`` writes."""
+        for h in sorted(self.hashes() if hashes is None else hashes):
+            row = self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs WHERE hash = ?", (h,)).fetchone()
+            if row is None:
+                continue
+            record: dict[str, Any] = {"runs": dict(row)}
+            for table in PER_RUN_TABLES:
+                columns = self._columns(table)
+                record[table] = [dict(r) for r in self._conn.execute(
+                    f"SELECT {', '.join(columns)} FROM {table} WHERE hash = ? ORDER BY {', '.join(columns)}", (h,))]
+            yield h, record
+
+    def put_records(self, records: Iterable[dict[str, Any]]) -> int:
+        """Write whole runs as ``records`` gives them, each replacing the run of its hash (and dropping its
+        claim), all in one transaction: every one is stored, or none. Returns how many."""
+        n = 0
+        with self._transaction():
+            for record in records:
+                h = record["runs"]["hash"]
+                for table in PER_RUN_TABLES:
+                    self._conn.execute(f"DELETE FROM {table} WHERE hash = ?", (h,))
+                self._conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) "
+                                   f"VALUES ({', '.join(':' + c for c in _COLUMNS)})", record["runs"])
+                for table in PER_RUN_TABLES:
+                    columns = self._columns(table)
+                    if any(r["hash"] != h for r in record[table]):
+                        raise ValueError(f"run {h}: a row of {table} names another run")
+                    self._conn.executemany(f"INSERT INTO {table} ({', '.join(columns)}) "
+                                           f"VALUES ({', '.join(':' + c for c in columns)})", record[table])
+                self._conn.execute("DELETE FROM claims WHERE hash = ?", (h,))
+                n += 1
+        return n
+
+    def _columns(self, table: str) -> list[str]:
+        return [r[1] for r in self._conn.execute(f"PRAGMA table_info({table})")]
 
     # -------------------------------------------------------------- claims of runs being trained
     def claim(self, owner: str, config_hash: str, lease: float = DEFAULT_LEASE) -> bool:

@@ -28,6 +28,14 @@ half-written, and the claims left behind die with the process.
 Threads. Each worker trains with ``max(1, cores // workers)`` threads for torch, numba and OpenMP:
 NUMBA_NUM_THREADS and OMP_NUM_THREADS are set in the environment the workers start with (numba
 reads them when it is imported) so that workers do not oversubscribe the cores.
+
+Executors. ``executor="local"`` (the default) trains in this process or in worker processes, as
+above; ``executor="ray"`` submits each run as a Ray task (``recur.ray_executor``: a local Ray, or
+the cluster at ``address``), with the same claims, records and Ctrl-C. Either way the workers only
+return results and this process alone writes the store.
+
+Shards. Without Ray, n machines split a grid with ``shard(configs, i, n)`` (``recur sweep --shard
+i/n``), each into its own store, merged afterwards with ``recur.store_merge.merge_stores``.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ HEARTBEAT_SECONDS = 10.0  # the sweep renews its claims this often
 POLL_SECONDS = 2.0  # a sweep waiting on runs that another sweep trains looks again this often
 
 THREAD_VARIABLES = ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS")  # read by numba and OpenMP when they start
+EXECUTORS = ("local", "ray")  # run_sweep(executor=...): worker processes here, or Ray tasks (recur.ray_executor)
 
 
 @dataclass
@@ -109,7 +118,8 @@ def describe(cfg: RunConfig) -> str:
 
 
 def _result_line(result: RunResult) -> str:
-    accs = "  ".join(f"acc@{n} {m['accuracy']:.3f}" for n, m in result.metrics.items())
+    accs = "  ".join((f"bpb@{n} {m['bits_per_byte']:.3f}" if "bits_per_byte" in m else f"acc@{n} {m['accuracy']:.3f}")
+                     for n, m in result.metrics.items())
     return f"{accs}  ({result.steps} steps, {result.seconds:.1f} s)"
 
 
@@ -117,6 +127,38 @@ def _error_text(e: BaseException) -> str:
     where = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
     at = f" (at {where[0].filename.rsplit('/', 1)[-1]}:{where[0].lineno})" if where else ""
     return f"{type(e).__name__}: {e}{at}"
+
+
+# ------------------------------------------------------------------ shards: one part of the grid per machine
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)``: shard 2 of 4. Shards are numbered from 1 to n, as ``--shard i/n`` is in
+    Jest and Playwright; a ValueError says what is wrong with any other text."""
+    index, slash, count = text.strip().partition("/")
+    if not slash or not index.strip().isdigit() or not count.strip().isdigit():
+        raise ValueError(f"bad shard {text!r}: expected I/N with whole numbers, e.g. 1/4 (the first of 4 shards)")
+    index, count = int(index), int(count)
+    if count < 1:
+        raise ValueError(f"bad shard {text!r}: expected at least 1 shard, got {count}")
+    if not 1 <= index <= count:
+        hint = f" (shards are numbered from 1: the first is 1/{count})" if index == 0 else ""
+        raise ValueError(f"bad shard {text!r}: expected a shard from 1/{count} to {count}/{count}, got {index}{hint}")
+    return index, count
+
+
+def shard(configs: list[RunConfig], index: int, count: int) -> list[RunConfig]:
+    """The runs of shard ``index`` of ``count`` (1-based): those whose config hash, read as a number, is
+    ``index - 1`` modulo ``count``, in their order in ``configs``. The ``count`` shards of a grid are
+    disjoint and together are the whole grid.
+
+    By hash, not by position: a run's shard depends on its config alone, so reordering the sweep file,
+    adding a seed or a model, or a recur release that expands the grid in another order never moves a
+    finished run to another shard: each machine's store keeps matching its shard, and rerunning the
+    shards after an edit trains only the new runs. The price is balance: shard sizes are equal only on
+    average (N runs give each shard about N/count, give or take sqrt(N/count)); where that matters, use
+    ``--executor ray``, or sweeps sharing one store on a local disk (claims split a grid evenly)."""
+    if not 1 <= index <= count:
+        raise ValueError(f"expected a shard from 1 to {count}, got {index}")
+    return [c for c in configs if int(config_hash(c), 16) % count == index - 1]
 
 
 # ------------------------------------------------------------------ worker processes
@@ -544,20 +586,33 @@ class _Queue:
 
 
 # ------------------------------------------------------------------ the sweep
-def run_sweep(configs: list[RunConfig], store: ResultStore, workers: int = 1, imports=(),
+def run_sweep(configs: list[RunConfig], store: ResultStore, workers: int | None = None, imports=(),
               console: Console | None = None, progress: bool = True, *, lease: float = LEASE_SECONDS,
               heartbeat: float = HEARTBEAT_SECONDS, poll: float = POLL_SECONDS,
-              wait_for_others: bool = True) -> SweepSummary:
+              wait_for_others: bool = True, executor: str = "local", address: str | None = None,
+              retries: int | None = None) -> SweepSummary:
     """Train every config not yet in ``store`` and record each as it finishes.
 
-    ``workers=1`` trains in this process; more start that many spawned processes, each with
-    ``max(1, cores // workers)`` threads. Runs are claimed in the store one at a time (``lease``,
-    renewed every ``heartbeat`` s), so sweeps over one store share the grid; runs claimed by another
-    sweep are waited for (looked at every ``poll`` s) unless ``wait_for_others=False``. Ctrl-C:
-    see the module docstring (raises ``SweepInterrupted`` with the summary).
+    ``workers=1`` (or None) trains in this process; more start that many spawned processes, each with
+    ``max(1, cores // workers)`` threads. ``executor="ray"`` runs each config as a Ray task instead,
+    at most ``workers`` at a time (None: as many as the cluster has GPUs, else CPUs), on the Ray
+    cluster at ``address`` (None: $RAY_ADDRESS, else a local Ray of ``workers`` or all cores' CPUs),
+    a task whose worker dies retried ``retries`` times (None: ``recur.ray_executor.DEFAULT_RETRIES``).
+    Runs are claimed in the store one at a time (``lease``, renewed every ``heartbeat`` s), so sweeps
+    over one store share the grid; runs claimed by another sweep are waited for (looked at every
+    ``poll`` s) unless ``wait_for_others=False``. Ctrl-C: see the module docstring (raises
+    ``SweepInterrupted`` with the summary).
     """
     if not 0 < heartbeat < lease:
         raise ValueError(f"expected 0 < heartbeat < lease, got heartbeat={heartbeat} s and lease={lease} s")
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}: expected one of {', '.join(EXECUTORS)}")
+    if executor != "ray" and (address is not None or retries is not None):
+        raise ValueError("address and retries are options of executor='ray'")
+    if executor == "ray":
+        from recur.ray_executor import require_ray
+
+        require_ray()  # before anything is claimed: the message says how to install it
     console = console or Console(stderr=True, soft_wrap=True)
     start = time.perf_counter()
     seen, unique = set(), []
@@ -573,8 +628,9 @@ def run_sweep(configs: list[RunConfig], store: ResultStore, workers: int = 1, im
         console.print(f"{summary.skipped} of {summary.total} runs already in {escape(str(store.path))}: skipped")
     if not todo:
         return summary
-    workers = max(1, min(workers, len(todo)))
-    console.print(f"running {len(todo)} runs with {workers} worker{'s' if workers > 1 else ''}")
+    if executor == "local":
+        workers = max(1, min(workers or 1, len(todo)))
+        console.print(f"running {len(todo)} runs with {workers} worker{'s' if workers > 1 else ''}")
     owner = new_owner()
 
     bar = Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -601,11 +657,18 @@ def run_sweep(configs: list[RunConfig], store: ResultStore, workers: int = 1, im
 
     queue = _Queue(todo, store, owner, lease, poll, stored_elsewhere)
     interrupt = _Interrupt()
-    pool: _Processes | _InProcess | None = None
+    pool = None  # _InProcess, _Processes or recur.ray_executor.RayTasks
     stopped: list[RunConfig] = []
     with bar, interrupt, _Heartbeat(store, owner, lease, heartbeat):
         try:
-            if workers == 1:
+            if executor == "ray":
+                from recur.ray_executor import DEFAULT_RETRIES, RayTasks
+
+                pool = RayTasks(workers, imports, address, DEFAULT_RETRIES if retries is None else retries,
+                                num_cpus=workers)
+                pool.slots = min(pool.slots, len(todo))
+                console.print(f"running {len(todo)} runs {pool.describe()}")
+            elif workers == 1:
                 pool = _InProcess(imports, interrupt)
             else:
                 pool = _Processes(workers, worker_thread_count(workers), imports, interrupt.requested)
@@ -631,7 +694,7 @@ def run_sweep(configs: list[RunConfig], store: ResultStore, workers: int = 1, im
                 for outcome in pool.poll(0.5):
                     record(*outcome)
             if interrupt.requested.is_set():
-                if isinstance(pool, _Processes):
+                if not isinstance(pool, _InProcess):
                     for outcome in pool.poll(0):  # finished just now: stored, not thrown away
                         record(*outcome)
                 running = len(pool.running()) + len(getattr(pool, "aborted", ()))

@@ -9,6 +9,11 @@ the early-stop window, the loss curve so far and each training method's memory (
 state). Tensors go to ``tensors.safetensors``, the rest to ``meta.json``. It is written to a
 temporary folder that is renamed into place, then ``LATEST`` is replaced atomically, so a process
 killed at any moment leaves the previous checkpoint intact.
+
+In a data-parallel run (``recur.training.distributed``) rank 0 writes the checkpoint and every rank
+reads it. Its contents are those of the global batch (the data streams, initial and carried states
+are the same on every rank, or gathered), so it resumes at any world size, one process included;
+``meta.json`` records the world size that wrote it.
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def save(trainer, directory: str | Path) -> Path:
         "saturated_at": trainer.saturated_at,
         "seq_len": trainer.seq_len, "optimizer": opt_meta, "scheduler": trainer.sched.state_dict(), "methods": methods,
         "curve": trainer.curve_state(),
+        "world_size": 1 if getattr(trainer, "dist", None) is None else trainer.dist.world_size,  # informational
     }
     name = f"step-{trainer.step:08d}"
     tmp = directory / f".{name}.tmp"

@@ -11,13 +11,23 @@ generalisation). The model owns its loss (``model.loss(out, batch)``); training 
 (``cfg.training``, see ``recur.training.method``) change the initial state, the passes, the loss
 and the gradients through hooks. With ``checkpoint_every`` the run writes checkpoints that
 ``resume=True`` continues bit-identically. A failing run raises; nothing is recorded.
+
+With ``dist`` (``recur.training.distributed``, under torchrun) the run is data-parallel over
+processes and equals the one-process run of the same config: each rank trains on its rows of the
+global batch, gradients are averaged with weights that make the loss the global mean, and rank 0
+alone prints, checkpoints and tracks. With ``tracker`` (``recur.tracking``) every step's loss,
+accuracy, lr and gradient norm, every validation and the final metrics go to TensorBoard or W&B.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import json
 import math
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -28,11 +38,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import recur
+from recur import tracking
 from recur.config import RunConfig, config_hash
 from recur.models.base import Architecture, ModelOutput
 from recur.registry import ARCHITECTURES, METHODS
 from recur.state import State
 from recur.tasks.base import Batch, Task, get_task
+from recur.training.distributed import Distributed
+from recur.training.method import Method
 
 
 class ConfigError(ValueError):
@@ -67,7 +80,9 @@ class RunResult(BaseModel):
     # The eval curve (``eval.every``): (step, training tokens seen, metrics at the training length on
     # the validation split) every ``eval.every`` steps and at the last step.
     evals: list[tuple[int, int, dict[str, float]]] = Field(default_factory=list)
-    info: dict[str, Any] = Field(default_factory=dict)  # the task's facts about its data (``Task.info``)
+    # The task's facts about its data (``Task.info``), and how the run was trained where its config does
+    # not say: ``world_size`` for a data-parallel run (``recur.training.distributed``; absent: one process).
+    info: dict[str, Any] = Field(default_factory=dict)
 
     def summary(self) -> dict:
         """The stable JSON of `recur run --json`."""
@@ -162,10 +177,14 @@ def head_inputs(model: Architecture, batch: Batch) -> dict:
 
 @torch.no_grad()
 def evaluate(model: Architecture, task: Task, cfg: RunConfig, device, split: str | None = None,
-             lengths: list[int] | None = None) -> dict[str, dict[str, float]]:
+             lengths: list[int] | None = None, dist: Distributed | None = None) -> dict[str, dict[str, float]]:
     """Mean ``task.score_output`` over ``cfg.eval.batches`` batches of ``split`` (default: the task's
     last, test) at every length of ``lengths`` (default: ``cfg.eval.lengths``), from a zero initial
-    state. The batches depend only on the seed, the split and the length: every call sees the same."""
+    state. The batches depend only on the seed, the split and the length: every call sees the same.
+
+    With ``dist`` the ranks share the work: each draws every batch (so the batches are one process's)
+    and scores those with index i mod world_size == rank; the scores are gathered and summed in batch
+    order, so every rank returns the same metrics, those of one process."""
     split = task.splits[-1] if split is None else split
     was_training = model.training
     model.eval()
@@ -173,11 +192,19 @@ def evaluate(model: Architecture, task: Task, cfg: RunConfig, device, split: str
     for length in cfg.eval.lengths if lengths is None else lengths:
         gen = _generator(cfg.seed, _SALTS["test"], length) if split == "test" else \
             _generator(cfg.seed, _salt(split), length)
-        sums: dict[str, float] = {}
-        for _ in range(cfg.eval.batches):
-            batch = task.batch(cfg.optim.batch_size, length, gen, split=split).to(device)
+        scores: list[tuple[int, dict[str, float]]] = []
+        for i in range(cfg.eval.batches):
+            batch = task.batch(cfg.optim.batch_size, length, gen, split=split)
+            if dist is not None and i % dist.world_size != dist.rank:
+                continue
+            batch = batch.to(device)
             out = model(batch.inputs, **head_inputs(model, batch))
-            for k, v in task.score_output(model, out, batch).items():
+            scores.append((i, task.score_output(model, out, batch)))
+        if dist is not None:
+            scores = sorted((p for part in dist.all_gather_object(scores) for p in part), key=lambda p: p[0])
+        sums: dict[str, float] = {}
+        for _, score in scores:
+            for k, v in score.items():
                 sums[k] = sums.get(k, 0.0) + v
         metrics[str(length)] = {k: v / cfg.eval.batches for k, v in sums.items()}
     model.train(was_training)
@@ -201,10 +228,16 @@ def _progress(enabled: bool) -> Progress:
 # ------------------------------------------------------------------ the loop
 class Trainer:
     """Trains one RunConfig. ``fit()`` runs the loop (resuming from a checkpoint if asked) and returns
-    the RunResult; the attributes below are what training methods read and change."""
+    the RunResult; the attributes below are what training methods read and change.
+
+    ``dist``: this process's rank in a data-parallel run (``recur.training.distributed.session()``);
+    ``batch_size`` stays the global batch, and ``model`` the unwrapped model (``forward_model`` is its
+    DDP wrapper, which the default passes call). ``tracker``: a ``recur.tracking.Tracker`` (rank 0's
+    only is called)."""
 
     def __init__(self, cfg: RunConfig, progress: bool = True, checkpoint_dir: str | Path | None = None,
-                 checkpoint_every: int | None = None, resume: bool = False):
+                 checkpoint_every: int | None = None, resume: bool = False, dist: Distributed | None = None,
+                 tracker: tracking.Tracker | None = None):
         if isinstance(cfg, dict):  # a config as a dict (nested or flat keys), validated like a file's
             cfg = RunConfig.model_validate(cfg)
         if not isinstance(cfg, RunConfig):
@@ -216,7 +249,16 @@ class Trainer:
         self.cfg, self.progress = cfg, progress
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.checkpoint_every, self.resume = checkpoint_every, resume
-        self.device = resolve_device(cfg.device)
+        self.dist = dist
+        self.is_main = dist is None or dist.is_main
+        self.tracker = tracker if self.is_main else None
+        self._tracking = False  # started (fit); train_step alone logs nothing
+        if dist is not None:
+            dist.rows(cfg.optim.batch_size)  # the global batch splits evenly, or a ConfigError says how
+            if resolve_device(cfg.device).type != dist.device.type:
+                raise ConfigError(f"device {cfg.device!r} resolves to {resolve_device(cfg.device).type}, but this "
+                                  f"distributed run's ranks are on {dist.device}")
+        self.device = resolve_device(cfg.device) if dist is None else dist.device
         self.task, self.model = build(cfg)
         self.model.to(self.device)
         self.methods = [METHODS.get(m.name).cls(m.params()) for m in cfg.training]
@@ -224,6 +266,13 @@ class Trainer:
         if len(owners) > 1:
             raise ConfigError(f"training methods {owners} each own the forward and backward passes; use one of them")
         self.opt, self.sched = make_optimizer(self.model, cfg)
+        # The model the default passes call: under DDP its wrapper, which all-reduces the gradients.
+        self.forward_model: torch.nn.Module = self.model if dist is None else dist.wrap(self.model)
+        # A method that carries something from a step's output (state_passing) sees the global batch's state.
+        self._gather_state = dist is not None and any(type(m).step_end is not Method.step_end for m in self.methods)
+        self._loss_scale: float | None = None  # under DDP: n_rank * world / n_global, this step's backward weight
+        self._synced = False  # this step's gradients were all-reduced by DDP
+        self._checked_unused = dist is None
         self.generators: dict[str, torch.Generator] = {"data": _generator(cfg.seed, _SALTS["data"])}
         self.batch_size = cfg.optim.batch_size
         self.seq_len = cfg.task.seq_len  # a curriculum may change these two during training
@@ -260,10 +309,14 @@ class Trainer:
 
     def forward_backward(self, batch: Batch, init: State | None) -> tuple[torch.Tensor, ModelOutput]:
         """The default passes: one forward over the batch, one backward of its loss."""
-        out = self.model(batch.inputs, init, **head_inputs(self.model, batch))
+        out = self.forward_model(batch.inputs, init, **head_inputs(self.model, batch))
         loss = self.compute_loss(out, batch)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self._loss_scale is None:
+            loss.backward()
+        else:  # DDP averages over ranks: this weight makes the average the global mean's gradient
+            (loss * self._loss_scale).backward()
+            self._synced = True
         return loss, out
 
     def train_step(self) -> tuple[float, float]:
@@ -272,38 +325,83 @@ class Trainer:
         self.step += 1
         for m in self.methods:
             m.schedule(self, self.step)
-        batch = self.train_task.batch(self.batch_size, self.seq_len, self.generators["data"], split="train").to(self.device)
+        batch = self.train_task.batch(self.batch_size, self.seq_len, self.generators["data"], split="train")
+        tokens = batch.inputs.numel()
         init = None
         for m in self.methods:
             init = m.initial_state(self, init)
+        weight = None  # under DDP: this rank's share of the global batch's supervised positions
+        if self.dist is not None:  # every rank drew the global batch (and its initial state): keep this rank's rows
+            n_global = int(batch.mask.sum())
+            batch = self.dist.shard(batch)
+            if init is not None:
+                if init.batch_size != self.batch_size:
+                    raise ConfigError(f"a training method gave an initial state of {init.batch_size} sequences; under "
+                                      f"DDP initial states are for the global batch ({self.batch_size})")
+                init = self.dist.shard_state(init)
+            weight = int(batch.mask.sum()) / max(1, n_global)
+            self._loss_scale, self._synced = weight * self.dist.world_size, False
+        batch = batch.to(self.device)
         owner = next((m for m in self.methods if m.owns_forward), None)
         loss, out = owner.forward_backward(self, batch, init) if owner else self.forward_backward(batch, init)
+        if self.dist is not None:
+            if not self._synced:  # a method ran its own passes on the unwrapped model: reduce its gradients here
+                self.dist.sum_gradients(list(self.model.parameters()), weight)
+            self._check_every_parameter_learns()
         for m in self.methods:
             m.after_backward(self)
+        grad_norm = None
         if self.cfg.optim.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        elif self._tracking:
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+        lr = self.opt.param_groups[0]["lr"]  # the rate this step uses
         self.opt.step()
         self.sched.step()
+        step_out = out
+        if self._gather_state and out.state is not None:
+            step_out = dataclasses.replace(out, state=self.dist.gather_state(out.state))
         for m in self.methods:
-            m.step_end(self, out)
+            m.step_end(self, step_out)
         with torch.no_grad():
             acc = self.train_task.score_predictions(self.model.predictions(out, batch), batch)["accuracy"]
-        self.window.append((loss.item(), acc))
+        loss_value = loss.item()
+        if self.dist is not None:  # the global batch's loss and accuracy: means weighted by supervised counts
+            loss_value, acc = self.dist.sum([loss_value * weight, acc * weight])
+        self.window.append((loss_value, acc))
         if self.saturated_at is None and self._saturated():
             self.saturated_at = self.step  # part of the step's state (checkpoints keep it)
-        self._record_curve(loss.item())
-        self.tokens += batch.inputs.numel()
+        self._record_curve(loss_value)
+        self.tokens += tokens
+        if self._tracking:
+            self.tracker.log(self.step, tracking.train_scalars(loss_value, acc, lr,
+                                                               None if grad_norm is None else float(grad_norm)))
         if self.cfg.eval.every and self.step % self.cfg.eval.every == 0:
             self.validate()
-        return loss.item(), acc
+        return loss_value, acc
+
+    def _check_every_parameter_learns(self) -> None:
+        """DDP runs without ``find_unused_parameters`` (no graph walk each step): a parameter without a
+        gradient after the first backward would stall its reduction, so the run stops here, naming it."""
+        if self._checked_unused:
+            return
+        self._checked_unused = True
+        unused = [n for n, p in self.model.named_parameters() if p.requires_grad and p.grad is None]
+        if unused:
+            raise ConfigError(f"{len(unused)} parameters of {self.cfg.model_name!r} take no part in the loss "
+                              f"({', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}); a data-parallel run "
+                              "needs every trainable parameter in the loss (set requires_grad=False on the others)")
 
     def validate(self) -> None:
         """One point of the eval curve: the metrics at the training length on the validation split."""
         if self.evals and self.evals[-1][0] == self.step:
             return
         split = self.task.validation_split
-        metrics = evaluate(self.model, self.task, self.cfg, self.device, split=split, lengths=[self.cfg.task.seq_len])
+        metrics = evaluate(self.model, self.task, self.cfg, self.device, split=split, lengths=[self.cfg.task.seq_len],
+                           dist=self.dist)
         self.evals.append((self.step, self.tokens, metrics[str(self.cfg.task.seq_len)]))
+        if self._tracking:
+            self.tracker.log(self.step, tracking.val_scalars(self.evals[-1][2]))
 
     def curve_state(self) -> dict:
         """The loss curve so far, for a checkpoint (its seconds include this process's training time)."""
@@ -354,24 +452,53 @@ class Trainer:
         start = time.perf_counter()
         cfg = self.cfg
         if self.resume:
-            checkpoint.load(self, self.checkpoint_dir)
-        with _progress(self.progress) as bar:
+            checkpoint.load(self, self.checkpoint_dir)  # every rank reads it
+        if self.tracker is not None:
+            self.tracker.start(tracking.run_name(cfg), json.loads(cfg.full_json()), config_hash(cfg), step=self.step)
+            self._tracking = True
+        try:
+            result = self._fit(start, checkpoint)
+        except BaseException:
+            if self._tracking:  # close the tracker's files; the run's own error is what the caller sees
+                self._tracking = False
+                with contextlib.suppress(Exception):
+                    self.tracker.finish(None)
+            raise
+        if self._tracking:
+            self._tracking = False
+            try:
+                self.tracker.finish(result)
+            except Exception as e:  # noqa: BLE001 - the run is complete: its result outweighs a tracker's last write
+                warnings.warn(f"the tracker failed to finish run {result.config_hash} ({type(e).__name__}: {e}); "
+                              "the run itself is complete (recur export can replay it from the store)", stacklevel=2)
+        return result
+
+    def _fit(self, start: float, checkpoint) -> RunResult:
+        cfg = self.cfg
+        with _progress(self.progress and self.is_main) as bar:
             job = bar.add_task(f"{cfg.model_name} on {cfg.task.name}", total=cfg.optim.steps,
                                completed=self.step, loss=float("nan"), acc=0.0)
             while self.step < cfg.optim.steps and not self.early_stopped:
                 loss, acc = self.train_step()
                 bar.update(job, advance=1, loss=loss, acc=acc)
-                self.early_stopped = self._should_stop()
+                self.early_stopped = self._should_stop()  # the same on every rank: the window holds global values
                 if self.early_stopped:
                     self._record_curve(loss, last=True)
                 if self.checkpoint_every and (self.step % self.checkpoint_every == 0 or self.early_stopped
                                               or self.step == cfg.optim.steps):
-                    checkpoint.save(self, self.checkpoint_dir)
+                    if self.is_main:
+                        checkpoint.save(self, self.checkpoint_dir)
+                    if self.dist is not None:
+                        self.dist.barrier()  # no rank goes on before the checkpoint is on disk
         for m in self.methods:
             m.finish(self)
         if cfg.eval.every:
             self.validate()  # the curve ends at the last step (an early stop, or a budget not a multiple)
-        metrics = evaluate(self.model, self.task, cfg, self.device)
+        shared = {} if self.dist is None else {"dist": self.dist}  # one process: the call as it always was
+        metrics = evaluate(self.model, self.task, cfg, self.device, **shared)
+        info = self.task.info()
+        if self.dist is not None:
+            info = {**info, "world_size": self.dist.world_size}
         return RunResult(
             config=cfg,
             config_hash=config_hash(cfg),
@@ -389,10 +516,11 @@ class Trainer:
             early_stopped=self.early_stopped,
             curve=self.curve,
             evals=self.evals,
-            info=self.task.info(),
+            info=info,
         )
 
 
-def train(cfg: RunConfig, progress: bool = True, **checkpointing) -> RunResult:
+def train(cfg: RunConfig, progress: bool = True, dist: Distributed | None = None,
+          tracker: tracking.Tracker | None = None, **checkpointing) -> RunResult:
     """Train ``cfg.model`` on ``cfg.task`` and evaluate it at every eval length (see ``Trainer``)."""
-    return Trainer(cfg, progress=progress, **checkpointing).fit()
+    return Trainer(cfg, progress=progress, dist=dist, tracker=tracker, **checkpointing).fit()
