@@ -56,11 +56,11 @@ here is the removal of the per-token loop, not parallel hardware.
         out = []
         for mode in FAST:
             speedups = [times["recurrent"][T] / times[mode][T] for T in lengths]
-            shown = ", ".join(f"T={T}: {s:.1f}x" for T, s in zip(lengths, speedups))
+            shown = ", ".join(f"T={T}: {s:.2g}x" for T, s in zip(lengths, speedups))
             out.append(Verdict(f"minGRU's {mode} form trains faster than its sequential form at every length",
                                shown, all(s > 1 for s in speedups)))
             out.append(Verdict(f"the {mode} form's speed-up grows with the sequence length",
-                               f"{speedups[0]:.1f}x at T={lengths[0]} -> {speedups[-1]:.1f}x at T={lengths[-1]}",
+                               f"{speedups[0]:.2g}x at T={lengths[0]} -> {speedups[-1]:.2g}x at T={lengths[-1]}",
                                len(speedups) > 1 and speedups[-1] > speedups[0]))
         return out
 
