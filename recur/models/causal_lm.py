@@ -29,6 +29,26 @@ from recur.registry import ARCHITECTURES
 from recur.state import State
 
 
+
+def build_lm_layers(lm: nn.Module, vocab_size: int, d_model: int, n_layers: int, pattern, mixer_config, mlp,
+                    mlp_ratio: float, tie_embeddings: bool, norm: str, channel_options, shared_blocks) -> None:
+    """Give ``lm`` the layers of a token language model, checked and initialised in this order (so a
+    seed gives the same weights whichever model builds them): ``vocab_size``, ``embed`` (N(0, 0.02)),
+    ``backbone``, the final ``norm`` and the ``head`` (tied to the embedding if asked). Shared by
+    CausalLM and the segment-level models (``recur.models.segments``)."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    check_sizes(d_model, mlp_ratio)
+    lm.vocab_size = vocab_size
+    lm.embed = nn.Embedding(vocab_size, d_model)
+    nn.init.normal_(lm.embed.weight, std=0.02)
+    lm.backbone = Backbone(d_model, n_layers, pattern, mixer_config, mlp=mlp, mlp_ratio=mlp_ratio, norm=norm,
+                           channel_options=channel_options, shared_blocks=shared_blocks)
+    lm.norm = build_norm(norm, d_model)
+    lm.head = nn.Linear(d_model, vocab_size, bias=False)
+    if tie_embeddings:
+        lm.head.weight = lm.embed.weight
+
 @ARCHITECTURES.register("causal_lm", family="language model",
                         paper="Radford et al., Improving Language Understanding by Generative Pre-Training (2018)")
 class CausalLM(Generator, Architecture):
@@ -42,18 +62,8 @@ class CausalLM(Generator, Architecture):
                  mlp_ratio: float = 4.0, tie_embeddings: bool = False, norm: str = "rmsnorm",
                  channel_options: Mapping[str, Any] | None = None, shared_blocks: int | None = None):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-        check_sizes(d_model, mlp_ratio)
-        self.vocab_size = vocab_size
-        self.embed = nn.Embedding(vocab_size, d_model)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        self.backbone = Backbone(d_model, n_layers, pattern, mixer_config, mlp=mlp, mlp_ratio=mlp_ratio, norm=norm,
-                                 channel_options=channel_options, shared_blocks=shared_blocks)
-        self.norm = build_norm(norm, d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
-            self.head.weight = self.embed.weight
+        build_lm_layers(self, vocab_size, d_model, n_layers, pattern, mixer_config, mlp, mlp_ratio, tie_embeddings,
+                        norm, channel_options, shared_blocks)
 
     @property
     def dtype(self) -> torch.dtype:

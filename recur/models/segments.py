@@ -48,13 +48,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from recur.layers import packing
 from recur.layers.common import positive_int
-from recur.layers.norms import build_norm
-from recur.models.base import Architecture, Generator, ModelOutput, check_positions, check_sizes, check_tokens
-from recur.models.blocks import Backbone
+from recur.models.base import Architecture, Generator, ModelOutput, check_positions, check_tokens
+from recur.models.causal_lm import build_lm_layers
 from recur.state import State
 
 
@@ -77,20 +75,11 @@ class SegmentLM(Generator, Architecture):
                  channel_options: Mapping[str, Any] | None = None, shared_blocks: int | None = None,
                  segment_len: int = 32, bptt_segments: int | None = None):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-        check_sizes(d_model, mlp_ratio)
-        self.vocab_size, self.d_model = vocab_size, d_model
+        self.d_model = d_model
         self.segment_len = positive_int("segment_len", segment_len)
         self.bptt_segments = check_bptt(bptt_segments)
-        self.embed = nn.Embedding(vocab_size, d_model)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        self.backbone = Backbone(d_model, n_layers, pattern, mixer_config, mlp=mlp, mlp_ratio=mlp_ratio, norm=norm,
-                                 channel_options=channel_options, shared_blocks=shared_blocks)
-        self.norm = build_norm(norm, d_model)
-        self.head = nn.Linear(d_model, vocab_size, bias=False)
-        if tie_embeddings:
-            self.head.weight = self.embed.weight
+        build_lm_layers(self, vocab_size, d_model, n_layers, pattern, mixer_config, mlp, mlp_ratio, tie_embeddings,
+                        norm, channel_options, shared_blocks)
 
     # -- the cell (to implement) ------------------------------------------------
     @abstractmethod
