@@ -61,6 +61,33 @@ def catalog(d_model: int = WIDTH, seq_len: int = LENGTH) -> list[dict[str, Any]]
     return rows
 
 
+ARCH_VOCAB, ARCH_LAYERS = 256, 2  # the build the architecture table's state sizes are for
+
+
+def architectures(d_model: int = WIDTH, seq_len: int = LENGTH) -> list[dict[str, Any]]:
+    """One dict per registered architecture: name, family, paper, description, autoregressive, and
+    the state size of its default build after ``seq_len`` tokens (``grows``: larger at 2 * seq_len)."""
+    from recur.registry import ARCHITECTURES
+
+    rows = []
+    for name in ARCHITECTURES.names():
+        d = ARCHITECTURES.describe(name)
+        cls = ARCHITECTURES.get(name).cls
+        row: dict[str, Any] = {"name": name, "family": d["family"], "paper": d["paper"],
+                               "description": d["description"], "autoregressive": bool(getattr(cls, "autoregressive", False))}
+        try:
+            import inspect
+
+            depth = {"n_layers": ARCH_LAYERS} if "n_layers" in inspect.signature(cls.__init__).parameters else {}
+            model = cls(vocab_size=ARCH_VOCAB, d_model=d_model, **depth)  # the rest: the class's defaults
+            row["state_size"] = model.state_size(seq_len)
+            row["grows"] = model.state_size(2 * seq_len) > row["state_size"]
+        except Exception as e:  # noqa: BLE001 - a listing shows what it can
+            row["state_size"], row["grows"], row["error"] = None, None, str(e)
+        rows.append(row)
+    return rows
+
+
 def size_text(row: dict[str, Any], seq_len: int) -> str:
     if row["state_size"] is None:
         return f"error: {row.get('error')}"
@@ -89,6 +116,17 @@ def markdown(d_model: int = WIDTH, seq_len: int = LENGTH) -> str:
         only = "" if row.get("causal", True) else " (*encoder only*)"
         lines.append(f"| `{row['name']}`{only} | {row['family']} | {', '.join(row['modes'])} | "
                      f"`{row['state_formula']}` | {size_text(row, seq_len)} | {row['paper']} |")
+    lines += ["", "## Architectures", "",
+              f"Models above the mixer (`recur run --arch NAME`, options with `--set model.args.KEY=VALUE`; "
+              f"`recur archs` lists every option). Each is registered and passes the architecture conformance "
+              f"suite (float64 equality of its fast path with its sequential reference, state carry at odd "
+              f"splits, stepping). The state is the floats carried per sequence by the default build "
+              f"(vocabulary {ARCH_VOCAB}, d_model={d_model}, {ARCH_LAYERS} layers where it has layers, its own defaults otherwise) after T={seq_len:,} tokens; "
+              f"*generates* marks the autoregressive ones (`generate`, streaming with that state).", "",
+              "| architecture | family | what it is | state at T | generates | paper |", "|---|---|---|---|---|---|"]
+    for row in architectures(d_model, seq_len):
+        lines.append(f"| `{row['name']}` | {row['family']} | {row['description']} | {size_text(row, seq_len)} | "
+                     f"{'yes' if row['autoregressive'] else 'no'} | {row['paper']} |")
     patterns = list_patterns()
     if patterns:
         lines += ["", "## Layer patterns", "",

@@ -45,3 +45,13 @@ def test_models_command_prints_the_same_page(capsys):
     assert main(["models"]) == 0
     printed = capsys.readouterr().out
     assert all(name in printed for name in recur.list_models())
+
+
+def test_every_architecture_is_in_the_table_with_its_state_size():
+    rows = {r["name"]: r for r in catalog.architectures()}
+    assert set(rows) == set(recur.ARCHITECTURES.names())
+    for name, row in rows.items():
+        assert row["state_size"] is not None, f"{name}: the default build failed: {row.get('error')}"
+        assert row["paper"] and row["description"]
+    assert rows["causal_lm"]["grows"] and not rows["rmt"]["grows"]  # attention's cache grows; RMT's memory does not
+    assert "## Architectures" in catalog.markdown() and "| `rmt` |" in catalog.markdown()
