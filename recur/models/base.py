@@ -50,6 +50,34 @@ class ModelOutput:
         return 2
 
 
+def in_pieces(call, tokens: torch.Tensor, state: State | None, piece: int, resets: torch.Tensor | None = None,
+              positions: torch.Tensor | None = None) -> ModelOutput:
+    """``call(tokens, state, resets=, positions=)`` over consecutive pieces of ``piece`` tokens, the
+    state carried from each to the next: by the state contract it equals one call on the whole
+    input, while holding one piece's activations (a long evaluation at constant memory). Logits
+    are joined as one call returns them (with ``positions``: the picked rows in row-major order)."""
+    T = tokens.shape[1]
+    logits = []  # only the logits are kept: each piece's state is dropped once the next has read it
+    for a in range(0, T, piece):
+        b = min(a + piece, T)
+        out = call(tokens[:, a:b], state, resets=None if resets is None else resets[:, a:b],
+                   positions=None if positions is None else positions[:, a:b])
+        if out.aux:
+            raise ValueError("in_pieces joins logits and state only; this model returned aux entries "
+                             f"{sorted(out.aux)}")
+        logits.append(out.logits)
+        state = out.state
+    if positions is None:
+        return ModelOutput(torch.cat(logits, dim=1), state)
+    # each piece's rows are row-major within the piece: order them by (row, time) over the whole call
+    rows, times = positions.nonzero(as_tuple=True)  # row-major over the call
+    piece_of = times // piece
+    order = torch.argsort(piece_of * positions.numel() + rows * T + times)  # the pieces' order
+    joined = torch.empty_like(torch.cat(logits))
+    joined[order] = torch.cat(logits)
+    return ModelOutput(joined, state, positions=positions)
+
+
 def check_mode_name(mode: Any) -> None:
     """``mode`` must be one of the mixer modes (``set_mode`` leaves a mixer without it alone, but an
     unknown name is a typo, not a request)."""

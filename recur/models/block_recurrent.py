@@ -68,6 +68,7 @@ from torch import nn
 from recur.layers.base import Mixer
 from recur.layers.common import merge_heads, positive_int, rotary, split_heads
 from recur.layers.norms import build_norm
+from recur.models.base import ModelOutput, check_positions, in_pieces
 from recur.models.blocks import Block
 from recur.models.causal_lm import CausalLM
 from recur.ops.attention import attention, attention_step, trim_cache
@@ -356,6 +357,21 @@ class BlockRecurrentTransformer(CausalLM):
             self.backbone.blocks[i] = Block(layer, channel=mlp, mlp_ratio=mlp_ratio, norm=norm,
                                             channel_options=channel_options, layer_idx=i, n_layers=n_layers)
             self.backbone.layer_names[i] = BlockRecurrentLayer.name
+
+    #: Without autograd, a call longer than this many windows runs in pieces of it (``in_pieces``):
+    #: equal to one call by the state contract, and evaluation memory stays flat in the length, as
+    #: the segment-memory models' is (benchmarks/segment_memory.py measures it).
+    eval_windows = 8
+
+    def forward(self, tokens: torch.Tensor, state: State | None = None, resets: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> ModelOutput:
+        piece = self.eval_windows * self.window
+        if torch.is_grad_enabled() or not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 \
+                or tokens.shape[1] <= piece:
+            return super().forward(tokens, state, resets=resets, positions=positions)
+        if positions is not None:
+            check_positions(positions, tokens)
+        return in_pieces(super().forward, tokens, state, piece, resets=resets, positions=positions)
 
     @property
     def recurrent(self) -> list[BlockRecurrentLayer]:

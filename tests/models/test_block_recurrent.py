@@ -215,3 +215,35 @@ def test_mqar_trains_from_the_cli(db, capsys):
     obj = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert obj["model"].startswith("block_recurrent:") and obj["steps"] == 4 and set(obj["metrics"]) == {"32", "64"}
     assert all(0 <= m["accuracy"] <= 1 for m in obj["metrics"].values())
+
+
+def test_evaluation_runs_in_pieces_of_windows_and_equals_one_call():
+    """Without autograd a long call runs in pieces of ``eval_windows`` windows (flat memory); the
+    logits, the picked positions' rows and the final state equal one call with autograd, packed
+    documents included, and a piece may end mid-window of a state that began mid-window."""
+    torch.manual_seed(0)
+    lm = BlockRecurrentTransformer(V, D, n_layers=2, window=4, n_states=2, gate="lstm").double()
+    lm.eval_windows = 2  # pieces of 8 tokens
+    x = _tokens(37, b=3)
+    resets = torch.zeros(3, 37, dtype=torch.bool)
+    resets[1, 13] = resets[2, 30] = True
+    picked = torch.rand(3, 37, generator=torch.Generator().manual_seed(2)) < 0.3
+    start = lm(_tokens(3, b=3, seed=4)).state  # begin mid-window
+    for kwargs in ({}, {"resets": resets}, {"positions": picked}, {"resets": resets, "positions": picked}):
+        whole = lm(x, start, **kwargs)  # autograd on: one call
+        with torch.no_grad():
+            pieces = lm(x, start, **kwargs)
+        torch.testing.assert_close(pieces.logits, whole.logits.detach(), **TIGHT)
+        _same_state(pieces.state, whole.state)
+        torch.testing.assert_close(lm(x[:, :1], pieces.state).logits, lm(x[:, :1], whole.state).logits, **TIGHT)
+        if "positions" in kwargs:
+            assert pieces.positions is picked and pieces.logits.shape[0] == int(picked.sum())
+
+
+def _same_state(a, b):
+    assert set(a) == set(b)
+    for key in b:
+        if isinstance(b[key], State):
+            _same_state(a[key], b[key])
+        else:
+            torch.testing.assert_close(a[key], b[key].detach(), **TIGHT)
