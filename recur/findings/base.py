@@ -205,6 +205,35 @@ def run_grid(finding: Finding, store, quick: bool = False, workers: int = 1, con
                    len(configs), figures)
 
 
+def line_plot(curves: dict[str, dict[float, float]], path: str | Path, xlabel: str, ylabel: str, title: str,
+              lines: dict[str, float] | None = None, logx: bool = False) -> Path:
+    """A finding's own figure: one line per curve (label -> {x: y}), horizontal reference ``lines``
+    (label -> y, dotted), y in [0, 1]."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.add_subplot()
+    for label, curve in curves.items():
+        ax.plot(list(curve), list(curve.values()), marker="o", label=label)
+    for label, y in (lines or {}).items():
+        ax.axhline(y, color="grey", linestyle=":", linewidth=1, label=label)
+    if logx:
+        ax.set_xscale("log", base=2)
+        xs = sorted({x for c in curves.values() for x in c})
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.minorticks_off()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.03, 1.05)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
 # ------------------------------------------------------------------ docs/results.md
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- reproduce:{name} -->", f"<!-- /reproduce:{name} -->"

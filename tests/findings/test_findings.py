@@ -19,16 +19,18 @@ from recur.results import ResultStore
 
 SEVEN = {"zoology-mqar", "illusion-of-state", "negative-eigenvalues", "jrt", "length-generalization",
          "state-capacity", "mingru-speed"}
+SEGMENT_MEMORY = {"rmt-segments", "armt-capacity", "brt-windows", "tmaze-memory"}  # issue 15's findings
+ALL = SEVEN | SEGMENT_MEMORY
 
 
-def test_the_seven_findings_are_registered_with_their_papers():
-    assert set(FINDINGS.names()) == SEVEN
+def test_the_findings_are_registered_with_their_papers():
+    assert set(FINDINGS.names()) == ALL
     for name in FINDINGS.names():
         cls = FINDINGS.get(name).cls
         assert cls.title and cls.paper and cls.budget and cls.notes.strip()
 
 
-@pytest.mark.parametrize("name", sorted(SEVEN - {"mingru-speed"}))
+@pytest.mark.parametrize("name", sorted(ALL - {"mingru-speed"}))
 def test_every_finding_grid_and_its_quick_version_are_valid_runs(name):
     finding = FINDINGS.get(name).cls()
     full, quick = finding.configs(), finding.configs(quick=True)
@@ -122,7 +124,7 @@ def test_reproduce_quick_runs_stores_prints_json_and_writes_its_section(tmp_path
 def test_reproduce_list_and_errors(capsys):
     assert main(["reproduce", "--list", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert {f["name"] for f in listed} == SEVEN and all(f["paper"] for f in listed)
+    assert {f["name"] for f in listed} == ALL and all(f["paper"] for f in listed)
     assert main(["reproduce"]) == 2
     assert "--list" in capsys.readouterr().err
     assert main(["reproduce", "zoology-mqr"]) == 2
@@ -140,3 +142,85 @@ def test_write_section_keeps_the_rest_of_the_page(tmp_path):
     assert text.startswith("intro") and text.rstrip().endswith("tail") and "old" not in text
     assert "recur reproduce jrt" in text
     assert "4 runs, 3.0 min of training summed over the runs; 0.1 min wall time" in text
+
+
+def _verdicts(finding, tmp_path, accs_of, name="v.sqlite", exact_of=None):
+    """The finding's verdicts on fake runs: ``accs_of(cfg)`` -> {length: accuracy}."""
+    from recur.findings.base import measure
+
+    results = []
+    for cfg in finding.configs():
+        r = fake_result(cfg, accs_of(cfg))
+        if exact_of is not None:
+            for n in r.metrics:
+                r.metrics[n]["exact_match"] = exact_of(cfg)
+        results.append(r)
+    with _store_with(tmp_path, results, name) as store:
+        return finding.verdicts(measure(finding, store))
+
+
+def test_rmt_segments_verdicts_need_the_accuracy_kept_at_every_longer_length(tmp_path):
+    from recur.findings.rmt_segments import RMTSegments
+
+    finding = RMTSegments()
+    drop = {"rmt": 0.0, "armt": 0.0}
+
+    def accs(cfg):
+        if cfg.model.arch == "causal_lm":  # the sliding-window baseline: the key in its window only at 4 segments
+            return {n: 0.5 if n == 128 else 0.11 for n in cfg.eval.lengths}
+        return {n: 1.0 if n == 128 else 1.0 - drop[cfg.model.arch] for n in cfg.eval.lengths}
+
+    assert [v.reproduced for v in _verdicts(finding, tmp_path, accs)] == [True, True, True]
+    drop["rmt"] = 0.3  # rmt forgets beyond its training segments
+    verdicts = _verdicts(finding, tmp_path, accs, "b.sqlite")
+    assert [v.reproduced for v in verdicts] == [False, True, True]
+    assert "64: 0.700" in verdicts[0].measured
+
+
+def test_armt_capacity_is_the_most_pairs_retrieved(tmp_path):
+    from recur.findings.armt_capacity import BLOCK, ARMTCapacity, capacity
+
+    assert capacity({2: 1.0, 4: 0.95, 8: 0.5, 15: 0.91}) == 15 and capacity({2: 0.5}) == 0
+    finding = ARMTCapacity()
+    limit = {"rmt": 4, "armt": 8}
+
+    def exact(cfg):
+        return 1.0 if cfg.task.seq_len // BLOCK - 1 <= limit[cfg.model.arch] else 0.2
+
+    verdicts = _verdicts(finding, tmp_path, lambda cfg: {n: 0.5 for n in cfg.eval.lengths}, exact_of=exact)
+    assert [v.reproduced for v in verdicts] == [True, True]
+    assert verdicts[0].measured == "capacity armt 8, rmt 4"
+    limit["rmt"] = 8  # equal capacity: not "more"
+    assert [v.reproduced for v in _verdicts(finding, tmp_path, lambda cfg: {n: 0.5 for n in cfg.eval.lengths},
+                                            "b.sqlite", exact_of=exact)] == [False, True]
+    table = finding.table(Measured([], []))
+    assert table[0].startswith("| pairs | length |")
+
+
+def test_brt_windows_verdicts(tmp_path):
+    from recur.findings.brt_windows import BRTWindows
+
+    def accs(cfg):
+        brt = cfg.model.arch == "block_recurrent"
+        return {n: (1.0 if n == 64 else 0.95) if brt else 0.12 for n in cfg.eval.lengths}
+
+    assert [v.reproduced for v in _verdicts(BRTWindows(), tmp_path, accs)] == [True, True]
+
+
+def test_tmaze_verdicts_read_the_rollout_success(tmp_path):
+    from recur.findings.base import measure
+    from recur.findings.tmaze_memory import TMazeMemory
+
+    finding = TMazeMemory()
+    results = []
+    for cfg in finding.configs():
+        r = fake_result(cfg, {n: 0.99 for n in cfg.eval.lengths})  # token accuracy says nothing here
+        for n in r.metrics:
+            r.metrics[n]["success"] = 1.0 if cfg.model.arch == "rate" else 0.5 + 0.02 * cfg.seed
+        results.append(r)
+    with _store_with(tmp_path, results) as store:
+        m = measure(finding, store)
+        verdicts = finding.verdicts(m)
+        assert finding.curves(m)["swa (no memory)"][95] == pytest.approx(0.52)  # the mean of the seeds
+    assert [v.reproduced for v in verdicts] == [True, True]
+    assert "L=95: 1.000" in verdicts[0].measured
