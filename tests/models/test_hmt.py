@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from harness_segments import gradient_by_segment
 
 from recur import State
 from recur.cli import main
@@ -163,32 +164,15 @@ def test_rows_with_and_without_a_past_segment_run_in_groups():
         torch.testing.assert_close(t, u, rtol=1e-12, atol=1e-12, msg=k)
 
 
-def _gradient_by_segment(model, x):
-    """|d loss / d E x| summed per segment (the loop embeds segment by segment), the loss on the
-    last segment's logits."""
-    seen = []
-
-    def keep(module, args, out):
-        out.retain_grad()
-        seen.append(out)
-
-    hook = model.embed.register_forward_hook(keep)
-    logits = model(x).logits
-    hook.remove()
-    logits[:, -L:].sum().backward()
-    assert [e.shape[1] for e in seen] == [L] * (x.shape[1] // L)
-    return torch.stack([e.grad.abs().sum() for e in seen])
-
-
 def test_truncated_bptt_detaches_prompt_cache_and_sensory_tokens():
     """Three segments, a loss on the last: with full BPTT its gradient reaches the first segment's
     embeddings (through the prompt, the cache and the sensory tokens); with bptt_segments=k only
     the last k + 1 segments'. The forward pass is the same."""
     x = tokens(3 * L)
-    full = _gradient_by_segment(hmt(), x)
+    full = gradient_by_segment(hmt(), x, L)
     assert (full > 0).all(), full
     for k in (0, 1):
-        grad = _gradient_by_segment(hmt(bptt_segments=k), x)
+        grad = gradient_by_segment(hmt(bptt_segments=k), x, L)
         assert (grad[2 - k:] > 0).all() and (grad[:2 - k] == 0).all(), (k, grad)
     torch.testing.assert_close(hmt(bptt_segments=0)(x).logits, hmt()(x).logits, rtol=0, atol=0)
 

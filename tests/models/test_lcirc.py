@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from harness_segments import gradient_by_segment
 
 from recur import State
 from recur.models.lcirc import LCIRC, Compressor
@@ -226,23 +227,6 @@ def test_state_size_is_the_window_the_query_and_the_pending_segment():
 
 
 # -- (d) truncated BPTT -----------------------------------------------------------------------------------
-def _gradient_by_segment(model, x):
-    """|d loss / d E x| summed per segment (the loop embeds segment by segment), the loss on the last
-    segment's logits."""
-    seen = []
-
-    def keep(module, args, out):
-        out.retain_grad()
-        seen.append(out)
-
-    hook = model.embed.register_forward_hook(keep)
-    logits = model(x).logits
-    hook.remove()
-    logits[:, -L:].sum().backward()
-    assert [e.shape[1] for e in seen] == [L] * (x.shape[1] // L)
-    return torch.stack([e.grad.abs().sum() for e in seen])
-
-
 @pytest.mark.parametrize("query_dependent", [False, True], ids=["lcirc", "qd"])
 def test_truncated_bptt_detaches_all_but_the_last_k_compressions(query_dependent):
     """Four segments, a loss on the last: with full BPTT its gradient reaches the first segment's
@@ -250,12 +234,12 @@ def test_truncated_bptt_detaches_all_but_the_last_k_compressions(query_dependent
     last k + 1 segments' (k compression steps). The forward pass is the same."""
     x = tokens(4 * L)
     build = lambda **o: lcirc(query_dependent=query_dependent, **o)  # noqa: E731
-    full = _gradient_by_segment(build(), x)
+    full = gradient_by_segment(build(), x, L)
     assert (full > 0).all()
     for k in (0, 1, 2):
         model = build()
         model.bptt_segments = k
-        grad = _gradient_by_segment(model, x)
+        grad = gradient_by_segment(model, x, L)
         assert (grad[3 - k:] > 0).all() and (grad[:3 - k] == 0).all(), (k, grad)
     truncated = build()
     truncated.bptt_segments = 1

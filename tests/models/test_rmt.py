@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from harness_segments import gradient_by_segment
 
 from recur import State
 from recur.cli import main
@@ -79,33 +80,16 @@ def test_memory_carries_a_token_across_segments():
         torch.testing.assert_close(a[:, :1], b[:, :1])
 
 
-def _gradient_by_segment(model, x):
-    """|d loss / d E x| summed per segment (the loop embeds segment by segment), the loss on the
-    last segment's logits."""
-    seen = []
-
-    def keep(module, args, out):
-        out.retain_grad()
-        seen.append(out)
-
-    hook = model.embed.register_forward_hook(keep)
-    logits = model(x).logits
-    hook.remove()
-    logits[:, -L:].sum().backward()
-    assert [e.shape[1] for e in seen] == [L] * (x.shape[1] // L)
-    return torch.stack([e.grad.abs().sum() for e in seen])
-
-
 @pytest.mark.parametrize("build", [rmt, armt], ids=["rmt", "armt"])
 def test_truncated_bptt_detaches_all_but_the_last_k_transitions(build):
     """Four segments, a loss on the last: with full BPTT its gradient reaches the tokens of the first
     segment; with bptt_segments=k only those of the last k + 1 segments (k memory transitions).
     The forward pass is the same."""
     x = tokens(4 * L)
-    full = _gradient_by_segment(build(), x)
+    full = gradient_by_segment(build(), x, L)
     assert (full > 0).all()
     for k in (0, 1, 2):
-        grad = _gradient_by_segment(build(bptt_segments=k), x)
+        grad = gradient_by_segment(build(bptt_segments=k), x, L)
         assert (grad[3 - k:] > 0).all() and (grad[:3 - k] == 0).all(), (k, grad)
     torch.testing.assert_close(build(bptt_segments=1)(x).logits, build()(x).logits, rtol=0, atol=0)
 
