@@ -26,7 +26,7 @@ RECALLS = 0.9  # recalls: answer-digit accuracy at least this
 class BRTWindows(Finding):
     title = "Block-Recurrent Transformer against sliding-window attention beyond two windows"
     paper = "Hutchins, Schlag, Wu, Dyer, Neyshabur, Block-Recurrent Transformers (NeurIPS 2022)"
-    budget = "about 8 min on 2 cores (2 runs)"
+    budget = "about 3 min on 2 cores (2 runs)"
     figures = ("length",)
     notes = f"""
 Passkey retrieval (5 digits; `depths=1`: the key opens the sequence, so it is at least

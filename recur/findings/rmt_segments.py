@@ -35,7 +35,7 @@ class RMTSegments(Finding):
     title = "Memory transformers beyond their training segments"
     paper = ("Bulatov et al., Scaling Transformer to 1M tokens and beyond with RMT (2023); Rodkin et al., "
              "Associative Recurrent Memory Transformer (2024)")
-    budget = "about 15 min on 2 cores (3 runs)"
+    budget = "about 8 min on 2 cores (3 runs)"
     figures = ("length",)
     notes = f"""
 Passkey retrieval (5 digits, the key opening the sequence, tokens 3-12 the digits: chance {CHANCE}) trained at

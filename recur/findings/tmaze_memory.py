@@ -21,7 +21,7 @@ from recur.findings.quick import quick_sweep
 STEPS_PER_SEGMENT = 3
 SEGMENT = 2 * STEPS_PER_SEGMENT  # an observation and an action per step
 TRAIN = 24  # corridor L = 11: the cue is 4 segments before the junction
-LENGTHS = (24, 48, 96, 192)  # corridors of 11, 23, 47, 95 steps
+LENGTHS = (24, 48, 96, 192, 768)  # corridors of 11, 23, 47, 95, 383 steps
 HIGH, GUESS, NEAR = 0.9, 0.5, 0.1  # rules fixed before the runs: "high" >= 0.9; "50%" within 0.1 of 0.5
 SEEDS = (0, 1, 2)
 
@@ -34,7 +34,7 @@ def corridor(seq_len: int) -> int:
 class TMazeMemory(Finding):
     title = "T-Maze: success against corridor length, with and without memory"
     paper = "Cherepanov, Staroverov, Yudin, Kovalev, Panov, Recurrent Action Transformer with Memory (2023)"
-    budget = "about 6 min on 2 cores (6 runs)"
+    budget = "about 3 min on 2 cores (6 runs)"
     figures = ("success",)
     notes = f"""
 T-Maze expert trajectories (`tmaze`: an observation and an action per step, the cue at step 0 only, the
