@@ -108,6 +108,23 @@ class RecurForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
         self._built = True  # from here on, a call of _init_weights means weights are missing
 
+    # transformers' options that decode with a draft and roll the cache back on a rejection
+    _ROLLBACK_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit")
+
+    def generate(self, *args, **kwargs):
+        """transformers' ``generate``, refusing assisted / speculative decoding itself: a recurrent
+        state cannot be reset to a previous subset of the text. (``_is_stateful`` made transformers
+        refuse it up to 5.24; 5.25 fails earlier, on the missing cache, with a RuntimeError that
+        does not say why.)"""
+        config = kwargs.get("generation_config")
+        asked = [k for k in self._ROLLBACK_OPTIONS
+                 if kwargs.get(k) is not None or getattr(config, k, None) is not None]
+        if asked:
+            raise ValueError(f"recur models are stateful: their state cannot be rolled back to a previous subset "
+                             f"of the generated text, so assisted / speculative decoding ({', '.join(asked)}) is "
+                             "not supported; generate without it")
+        return super().generate(*args, **kwargs)
+
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         """False: the state is the model's own (a ``RecurCache`` made by ``forward``), not a DynamicCache."""

@@ -93,6 +93,9 @@ def test_assisted_decoding_is_refused_for_a_stateful_model():
     model = make("gla")
     with pytest.raises(ValueError, match="stateful"):
         model.generate(prompts(), assistant_model=make("gla"), max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt_lookup_num_tokens"):
+        model.generate(prompts(), prompt_lookup_num_tokens=2, max_new_tokens=2)
+    assert model.generate(prompts(), max_new_tokens=2).shape[1] == prompts().shape[1] + 2  # plain decoding still works
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         model(prompts(), use_cache=True).cache.crop(3)
 

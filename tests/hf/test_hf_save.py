@@ -86,7 +86,7 @@ def test_from_recur_wraps_the_model_itself():
 @pytest.mark.parametrize("model,message", [
     ({"mixer": "bidirectional"}, "'bidirectional' is not causal"),
     ({"mixer": ["gla", "bidirectional"], "n_layers": 2}, "'bidirectional' is not causal"),
-    ({"mixer": "gla", "arch": "encoder"}, "'encoder' is not a causal language model.*causal_lm, looped_lm"),
+    ({"mixer": "gla", "arch": "encoder"}, "'encoder' is not a causal language model.*causal_lm.*looped_lm"),
     ({"mixer": "glaa"}, "Did you mean 'gla'"),
     ({"mixer": "gla", "d_model": 0}, "d_model"),
 ])
