@@ -115,7 +115,9 @@ def test_a_second_ctrl_c_exits_at_once_and_the_sweep_resumes(tmp_path, capsys):
     sent = time.monotonic()
     rc = proc.wait(timeout=60)
     err = log.read_text()
-    assert rc == 130 and time.monotonic() - sent < 10, err
+    # 130 from the second Ctrl-C's handler; or, where the first one's graceful stop finished within
+    # the 50 ms before the second arrived, death by that SIGINT while exiting (-2: a shell shows 130)
+    assert rc in (130, -signal.SIGINT) and time.monotonic() - sent < 10, err
     assert "Traceback" not in err
     assert "interrupted again: exiting now" in err or "interrupted:" in err, err
     deadline = time.monotonic() + 10
