@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 import math
+import random
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
@@ -215,6 +216,36 @@ def sample_rows_of_split(draw, n: int, split: str, content=None) -> torch.Tensor
             return torch.cat(kept)[:n]
     raise ValueError(f"could not draw {n} rows of the {split!r} split in {MAX_ROUNDS} rounds: the space of "
                      f"sequences at this length is too small; use a longer seq_len")
+
+
+def row_rngs(m: int, generator: torch.Generator) -> list[random.Random]:
+    """``m`` Python random streams, one per row, seeded from ``generator``: for generators written
+    in Python (backtracking, tree growing), deterministic given the torch generator."""
+    return [random.Random(s) for s in torch.randint(1 << 62, (m,), generator=generator).tolist()]
+
+
+def grid_batch(source: torch.Tensor, target: torch.Tensor, seq_len: int, sep: int, pad: int,
+               supervised: torch.Tensor | bool = True) -> Batch:
+    """The grid-to-grid layout ``source SEP target [PAD ..]`` (both [n, N], row-major), the target
+    teacher forced: SEP predicts target cell 1 and target cell k predicts cell k + 1.
+    ``supervised``: bool [n, N], the target cells that are scored (True: all)."""
+    n, N = source.shape
+    inputs = torch.full((n, seq_len), pad, dtype=torch.int64)
+    inputs[:, :N] = source
+    inputs[:, N] = sep
+    inputs[:, N + 1:2 * N + 1] = target
+    targets = torch.zeros(n, seq_len, dtype=torch.int64)
+    targets[:, N:2 * N] = target
+    mask = torch.zeros(n, seq_len, dtype=torch.bool)
+    mask[:, N:2 * N] = supervised
+    return Batch(inputs, targets, mask)
+
+
+def accuracy_where(pred: torch.Tensor, batch: Batch, where: torch.Tensor) -> float:
+    """Token accuracy over the supervised positions where ``where`` (bool [n, seq_len]) holds; 0.0
+    when there are none (a task's extra metric on the positions that matter, e.g. the blanks)."""
+    picked = batch.mask & where
+    return float(((pred == batch.targets) & picked).sum()) / max(1, int(picked.sum()))
 
 
 def distinct_rows(m: int, k: int, high: int, generator: torch.Generator) -> torch.Tensor:

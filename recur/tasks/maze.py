@@ -36,7 +36,8 @@ from collections import deque
 import torch
 from pydantic import Field, model_validator
 
-from recur.tasks.base import Batch, Task, TaskParams, register_task, sample_rows_of_split
+from recur.tasks.base import (Batch, Task, TaskParams, accuracy_where, grid_batch, register_task, row_rngs,
+                              sample_rows_of_split)
 
 WALL, FREE, START, GOAL, PATH, SEP, PAD = range(7)
 
@@ -140,22 +141,13 @@ class Maze(Task):
         min_distance = self.params.min_distance or size
 
         def draw(m: int) -> torch.Tensor:
-            seeds = torch.randint(1 << 62, (m,), generator=generator).tolist()
-            return torch.tensor([draw_maze(size, min_distance, random.Random(s)) for s in seeds], dtype=torch.int64)
+            return torch.tensor([draw_maze(size, min_distance, rng) for rng in row_rngs(m, generator)],
+                                dtype=torch.int64)
 
         rows = sample_rows_of_split(draw, n, split, content=lambda rows: rows[:, :N])  # by a hash of the maze
-        inputs = torch.full((n, seq_len), PAD, dtype=torch.int64)
-        inputs[:, :N] = rows[:, :N]
-        inputs[:, N] = SEP
-        inputs[:, N + 1:2 * N + 1] = rows[:, N:]
-        targets = torch.zeros(n, seq_len, dtype=torch.int64)
-        targets[:, N:2 * N] = rows[:, N:]  # SEP predicts cell 1, cell k predicts cell k + 1
-        mask = torch.zeros(n, seq_len, dtype=torch.bool)
-        mask[:, N:2 * N] = True
-        return Batch(inputs, targets, mask)
+        return grid_batch(rows[:, :N], rows[:, N:], seq_len, SEP, PAD)
 
     def score_predictions(self, pred: torch.Tensor, batch: Batch) -> dict[str, float]:
         scores = super().score_predictions(pred, batch)
-        on_path = batch.mask & (batch.targets == PATH)
-        scores["path_accuracy"] = float(((pred == batch.targets) & on_path).sum()) / max(1, int(on_path.sum()))
+        scores["path_accuracy"] = accuracy_where(pred, batch, batch.targets == PATH)
         return scores

@@ -42,7 +42,8 @@ import random
 import torch
 from pydantic import Field, model_validator
 
-from recur.tasks.base import Batch, Task, TaskParams, register_task, sample_rows_of_split
+from recur.tasks.base import (Batch, Task, TaskParams, accuracy_where, grid_batch, register_task, row_rngs,
+                              sample_rows_of_split)
 
 BLANK, SEP, PAD = 6, 7, 8
 BOXES = {4: (2, 2), 6: (2, 3)}  # size -> (rows, columns) of a box
@@ -218,31 +219,20 @@ class Sudoku(Task):
         N = self.cells
 
         def draw(m: int) -> torch.Tensor:
-            seeds = torch.randint(1 << 62, (m,), generator=generator).tolist()
-            return torch.tensor([self.solver.random_grid(random.Random(s)) for s in seeds], dtype=torch.int64)
+            return torch.tensor([self.solver.random_grid(rng) for rng in row_rngs(m, generator)], dtype=torch.int64)
 
         solutions = sample_rows_of_split(draw, n, split)  # 1..n, by a hash of the solution grid
-        seeds = torch.randint(1 << 62, (n,), generator=generator).tolist()
-        puzzles = torch.tensor([self.solver.carve(row, random.Random(s), self.params.holes)
-                                for row, s in zip(solutions.tolist(), seeds)], dtype=torch.int64).view(n, N)
+        puzzles = torch.tensor([self.solver.carve(row, rng, self.params.holes)
+                                for row, rng in zip(solutions.tolist(), row_rngs(n, generator))],
+                               dtype=torch.int64).view(n, N)
         puzzle_tokens = torch.where(puzzles == 0, BLANK, puzzles - 1)
-        solution_tokens = solutions - 1
-        inputs = torch.full((n, seq_len), PAD, dtype=torch.int64)
-        inputs[:, :N] = puzzle_tokens
-        inputs[:, N] = SEP
-        inputs[:, N + 1:2 * N + 1] = solution_tokens
-        targets = torch.zeros(n, seq_len, dtype=torch.int64)
-        targets[:, N:2 * N] = solution_tokens  # SEP predicts cell 1, cell k predicts cell k + 1
-        mask = torch.zeros(n, seq_len, dtype=torch.bool)
-        mask[:, N:2 * N] = (puzzle_tokens == BLANK) if self.params.blanks_only else True
-        return Batch(inputs, targets, mask)
+        return grid_batch(puzzle_tokens, solutions - 1, seq_len, SEP, PAD,
+                          supervised=(puzzle_tokens == BLANK) if self.params.blanks_only else True)
 
     def score_predictions(self, pred: torch.Tensor, batch: Batch) -> dict[str, float]:
         scores = super().score_predictions(pred, batch)
         N = self.cells
         blank = torch.zeros_like(batch.mask)
         blank[:, N:2 * N] = batch.inputs[:, :N] == BLANK
-        blank &= batch.mask
-        right = (pred == batch.targets) & blank
-        scores["blank_accuracy"] = float(right.sum()) / max(1, int(blank.sum()))
+        scores["blank_accuracy"] = accuracy_where(pred, batch, blank)
         return scores
