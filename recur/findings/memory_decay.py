@@ -14,8 +14,8 @@ filler segment is a contraction loses a fixed fraction of it per segment: I_k ~ 
 readout fails once I_k falls below what it can decode. The per-segment retention r is the geometric
 mean of I_{k+1} / I_k over the segments while I_k is above 1e-4.
 
-The command trains the ``rmt-segments`` configuration in process (RMT, attention cell, 2 layers,
-d_model 64, 4 memory tokens, segments of 32, 1500 steps) on ``--train-segments`` segments, then
+The command trains the ``rmt-segments`` finding's RMT run (attention cell, 2 layers, d_model 64, 4
+memory tokens, segments of 32, 1500 steps) in process on ``--train-segments`` segments, then
 measures I_k over 64 segments and the answer accuracy at 4 .. 32 segments.
 """
 
@@ -27,9 +27,8 @@ import math
 
 import torch
 
+from recur.findings.rmt_segments import SEGMENT
 from recur.state import State
-
-SEGMENT = 32
 
 
 def key_information(model, tokens: torch.Tensor, segments: int) -> list[float]:
@@ -63,13 +62,14 @@ def measure(train_segments: int = 4, arch: str = "rmt", curriculum: bool = False
     """Train the ``rmt-segments`` configuration on ``train_segments`` segments; its key information
     per segment over 64 segments, the retention per segment and the accuracy at 4 .. 32 segments."""
     from recur.config import RunConfig
+    from recur.findings.rmt_segments import RMTSegments
     from recur.training.trainer import Trainer
 
-    cfg = {"task": {"name": "passkey", "args": {"digits": 5, "depths": 1}, "seq_len": SEGMENT * train_segments},
-           "model": {"arch": arch, "mixer": "attention", "d_model": 64, "n_layers": 2,
-                     "args": {"segment_len": SEGMENT, "n_memory": 4}},
-           "optim": {"steps": steps, "batch_size": 32, "lr": 3e-3, "early_stop": None},
-           "eval": {"lengths": [SEGMENT * train_segments], "batches": 1}, "device": "cpu", "seed": seed}
+    # the finding's own rmt run, at this number of training segments
+    cfg = next(c for c in RMTSegments().configs() if c.model.arch == "rmt").model_dump(mode="json")
+    cfg["task"]["seq_len"] = SEGMENT * train_segments
+    cfg["eval"].update(lengths=[SEGMENT * train_segments], batches=1)
+    cfg["model"]["arch"], cfg["optim"]["steps"], cfg["seed"], cfg["device"] = arch, steps, seed, "cpu"
     if curriculum:
         cfg["training"] = [{"name": "curriculum", "args": {"start": SEGMENT}}]
     trainer = Trainer(RunConfig.model_validate(cfg), progress=progress)
