@@ -22,6 +22,7 @@ import torch
 from recur.layers.common import positive_int
 from recur.models.base import ModelOutput, check_positions, check_tokens
 from recur.models.causal_lm import CausalLM
+from recur.models.loops import check_state_entries, iteration_keys, iteration_states
 from recur.registry import ARCHITECTURES
 from recur.state import State
 
@@ -56,9 +57,8 @@ class LoopedLM(CausalLM):
         return self.backbone.mixers * self.n_loops
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
-        dtype = dtype or self.dtype
-        return State({f"loop{j}": self.backbone.init_state(batch_size, device=device, dtype=dtype)
-                      for j in range(self.n_loops)})
+        return State(iteration_states(self.backbone, iteration_keys("loop", self.n_loops), batch_size,
+                                      device=device, dtype=dtype or self.dtype))
 
     def state_size(self, seq_len: int) -> int:
         return self.n_loops * self.backbone.state_size(seq_len)
@@ -68,11 +68,8 @@ class LoopedLM(CausalLM):
         check_tokens(tokens, self.vocab_size)
         if positions is not None:
             check_positions(positions, tokens)
-        keys = [f"loop{j}" for j in range(self.n_loops)]
-        if state is not None and (not isinstance(state, State) or set(state) != set(keys)):
-            got = sorted(state) if isinstance(state, State) else type(state).__name__
-            raise ValueError(f"looped_lm state must be a State with entries loop0..loop{self.n_loops - 1} "
-                             f"(n_loops={self.n_loops}; from init_state or a previous call), got {got}")
+        keys = iteration_keys("loop", self.n_loops)
+        check_state_entries(state, keys, "looped_lm", f"n_loops={self.n_loops}")
         e = self.embed(tokens)
         z = torch.zeros_like(e)
         new = {}

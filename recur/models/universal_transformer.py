@@ -66,6 +66,7 @@ from torch import nn
 from recur.layers.common import positive_int
 from recur.models.base import ModelOutput, check_positions, check_tokens
 from recur.models.causal_lm import CausalLM
+from recur.models.loops import check_state_entries, iteration_keys, iteration_states
 from recur.registry import ARCHITECTURES
 from recur.state import State
 
@@ -161,9 +162,8 @@ class UniversalTransformer(CausalLM):
         return self.backbone.mixers * self.max_steps
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> State:
-        dtype = dtype or self.dtype
-        return State({f"step{n}": self.backbone.init_state(batch_size, device=device, dtype=dtype)
-                      for n in range(self.max_steps)})
+        return State(iteration_states(self.backbone, iteration_keys("step", self.max_steps), batch_size,
+                                      device=device, dtype=dtype or self.dtype))
 
     def state_size(self, seq_len: int) -> int:
         return self.max_steps * self.backbone.state_size(seq_len)
@@ -179,11 +179,8 @@ class UniversalTransformer(CausalLM):
         check_tokens(tokens, self.vocab_size)
         if positions is not None:
             check_positions(positions, tokens)
-        keys = [f"step{n}" for n in range(self.max_steps)]
-        if state is not None and (not isinstance(state, State) or set(state) != set(keys)):
-            got = sorted(state) if isinstance(state, State) else type(state).__name__
-            raise ValueError(f"universal_transformer state must be a State with entries step0..step{self.max_steps - 1}"
-                             f" (max_steps={self.max_steps}; from init_state or a previous call), got {got}")
+        keys = iteration_keys("step", self.max_steps)
+        check_state_entries(state, keys, "universal_transformer", f"max_steps={self.max_steps}")
         z = self.embed(tokens)
         zs, ps, new = [], [], {}
         for n, key in enumerate(keys):

@@ -109,7 +109,7 @@ def test_the_state_carries_per_step_with_halting_in_play():
     first = model(x[:, :5])
     second = model(x[:, 5:], first.state)
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), whole.logits, rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="step0..step2"):
+    with pytest.raises(ValueError, match="step0, step1, step2 .max_steps=3"):
         _model(max_steps=3, pattern="gla")(x, whole.state)
 
 
