@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     fields.add_argument("--mlp", type=parse_value, help="swiglu, gelu or None (swiglu)")
     fields.add_argument("--device", help="auto, cpu, cuda, ... (auto: cuda if available)")
     fields.add_argument("--eval-batches", type=int, help="test batches per eval length (4)")
+    fields.add_argument("--eval-loops", type=parse_lengths, metavar="N,N,...",
+                        help="also evaluate a depth-recurrent model at these numbers of iterations (e.g. n_loops "
+                             "1,2,4,8,16: test-time compute); drawn by recur report as accuracy against iterations")
     fields.add_argument("--early-stop", type=parse_value, help="training accuracy that stops the run, or None (0.99)")
     fields.add_argument("--state-init", choices=["zeros", "noise"], help="initial training state (zeros)")
     fields.add_argument("--state-noise-std", type=float, help="std of the noise initial state (1.0)")
@@ -301,6 +304,8 @@ def parse_method(text: str) -> dict[str, Any]:
 def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     # The flat flags (unset: the RunConfig default), then the training methods, then --set in order.
     pairs: list[tuple[str, Any]] = [(k, getattr(args, k)) for k in _RUN_FIELDS if hasattr(args, k)]
+    if hasattr(args, "eval_loops"):
+        pairs.append(("eval.loops", args.eval_loops))
     pairs += [("task.name", args.task), ("model.mixer", args.model),
               ("task.args", parse_assignments(args.task_arg, "--task-arg")),
               ("model.mixer_args", parse_assignments(args.model_arg, "--model-arg"))]
@@ -366,6 +371,9 @@ def cmd_run(args, out: Console, err: Console) -> int:
                       "--force runs it again")
             summary = {k: stored[k] for k in ("task", "model", "seed", "params", "state_size", "train_seq_len",
                                               "steps", "seconds", "metrics")}
+            depth = store.depth_evals({h}).get(h)
+            if depth:
+                summary["depth_metrics"] = {str(n): m for n, m in depth.items()}
         else:
             ckpt = args.checkpoint_dir / h if (args.checkpoint_every or args.resume) else None
             if args.resume and (ckpt is None or not (ckpt / "LATEST").exists()):
@@ -422,13 +430,27 @@ def cmd_export(args, out: Console, err: Console) -> int:
 def _print_run(summary: dict, h: str, out: Console) -> None:
     t = Table(title=f"{summary['model']} on {summary['task']} (seed {summary['seed']}, run {h})", title_justify="left")
     # The task's metrics, in the order it reports them (probes: accuracy, exact match; text: bits per byte, accuracy)
-    names = list(dict.fromkeys(k for m in summary["metrics"].values() for k in m))
+    # (a metric named "name@i" is one point of a curve, e.g. icl_regression's error per example: the curve is
+    # in the store and --json, the table keeps the summary metrics)
+    names = list(dict.fromkeys(k for m in summary["metrics"].values() for k in m if "@" not in k))
     t.add_column("eval length", justify="right")
     for name in names:
         t.add_column(name.replace("_", " "), justify="right")
     for n, m in summary["metrics"].items():
         t.add_row(n, *(f"{m[k]:.4f}" if k in m else "" for k in names))
     out.print(t)
+    depth = summary.get("depth_metrics")
+    if depth:  # eval.loops: the headline metric at each number of iterations and eval length
+        lengths = list(next(iter(depth.values())))
+        key = next((k for k in ("bits_per_byte", "mse", "accuracy") if k in depth[next(iter(depth))][lengths[0]]),
+                   names[0])
+        d = Table(title=f"{key.replace('_', ' ')} at other numbers of iterations (eval.loops)", title_justify="left")
+        d.add_column("iterations", justify="right")
+        for n in lengths:
+            d.add_column(f"length {n}", justify="right")
+        for loops, m in sorted(depth.items(), key=lambda kv: int(kv[0])):
+            d.add_row(loops, *(f"{m[n][key]:.4f}" if key in m.get(n, {}) else "" for n in lengths))
+        out.print(d)
     out.print(f"params {summary['params']:,}  state size {summary['state_size']:,} floats at T={summary['train_seq_len']}"
               f"  steps {summary['steps']}  time {summary['seconds']:.1f} s")
 

@@ -317,8 +317,12 @@ class MethodConfig(Section):
 class EvalConfig(Section):
     """Where a run is evaluated: the lengths (default: the training length and 4x) and batches per length."""
 
-    FROZEN: ClassVar[dict[str, Any]] = {"lengths": [], "batches": 4, "every": 0}
+    FROZEN: ClassVar[dict[str, Any]] = {"lengths": [], "batches": 4, "every": 0, "loops": []}
     lengths: list[int] = Field(default_factory=list, description="default: [seq_len, 4 * seq_len]")
+    loops: list[int] = Field(default_factory=list, description="also evaluate at these numbers of iterations (the "
+                                                                "depth option of a depth-recurrent architecture, "
+                                                                "e.g. looped_lm's n_loops; more than trained: test-"
+                                                                "time compute), at every eval length")
     batches: int = Field(4, ge=1, description="batches of batch_size test sequences per eval length")
     every: int = Field(0, ge=0, description="also evaluate every N steps (and at the end) at the training length "
                                             "on the validation split (test where the task has none): the "
@@ -329,6 +333,13 @@ class EvalConfig(Section):
     def _positive_lengths(cls, v):
         if any(n < 1 for n in v):
             raise ValueError(f"eval lengths must be >= 1, got {v}")
+        return sorted(set(v))
+
+    @field_validator("loops")
+    @classmethod
+    def _positive_loops(cls, v):
+        if any(n < 1 for n in v):
+            raise ValueError(f"eval loops must be >= 1, got {v}")
         return sorted(set(v))
 
 

@@ -74,18 +74,20 @@ def leaderboard_tables(rows: list[dict[str, Any]]) -> list[Table]:
         t = Table(title=f"[bold]{task}[/]", title_justify="left")
         for col in ("model", "d_model", "layers", "state", "params"):
             t.add_column(col, justify="left" if col == "model" else "right")
-        bpb = lengths if _bpb(trs) else []
+        lower = _lower(trs)
+        bpb = lengths if lower else []
+        acc_lengths = lengths if _has_accuracy(trs) else []
         for n in bpb:
-            t.add_column(f"bpb@{n}", justify="right")
-        for n in lengths:
+            t.add_column(f"{LOWER[lower][0]}@{n}", justify="right")
+        for n in acc_lengths:
             t.add_column(f"acc@{n}", justify="right")
         # text is scored per byte, not per sequence: no exact-match column
         for col in ("exact@train",) * (not bpb) + ("lr", "seeds", "steps", "time (s)"):
             t.add_column(col, justify="right")
         for r in trs:
-            accs = [_acc(r, n) for n in lengths]
+            accs = [_acc(r, n) for n in acc_lengths]
             exact = _acc(r, r["train_seq_len"], "exact_match")
-            bits = [_acc(r, n, "bits_per_byte") for n in bpb]
+            bits = [_acc(r, n, lower) for n in bpb]
             t.add_row(r["model_label"], str(r["d_model"]), str(r["n_layers"]), _fmt_state(r["state_size"]),
                       _fmt_state(r["params"]),
                       *("-" if b is None else f"{b:.3f}" for b in bits),
@@ -108,10 +110,13 @@ def print_leaderboard(rows: list[dict[str, Any]], console: Console | None = None
 class _Row:
     """A leaderboard row with its runs (one per seed) and what the figures need of them."""
 
-    def __init__(self, row: dict, runs: list[dict], curves: dict[str, list], evals: dict[str, list] | None = None):
+    def __init__(self, row: dict, runs: list[dict], curves: dict[str, list], evals: dict[str, list] | None = None,
+                 depths: dict[str, dict] | None = None):
         self.row, self.runs = row, runs
         self.curves = [curves[r["hash"]] for r in runs if curves.get(r["hash"])]
         self.evals = [evals[r["hash"]] for r in runs if evals and evals.get(r["hash"])]
+        # per seed: {iterations: {eval length: metrics}} (eval.loops)
+        self.depths = [depths[r["hash"]] for r in runs if depths and depths.get(r["hash"])]
         cfg = runs[0]["config"] if runs else {}
         self.config = cfg
         self.label = row["model_label"]
@@ -131,14 +136,49 @@ class _Row:
 
 
 def _rows_with_runs(rows: list[dict], runs: list[dict], curves: dict[str, list],
-                    evals: dict[str, list] | None = None) -> list[_Row]:
+                    evals: dict[str, list] | None = None, depths: dict[str, dict] | None = None) -> list[_Row]:
     by_hash = {r["hash"]: r for r in runs}
-    return [_Row(row, [by_hash[h] for h in row["hashes"] if h in by_hash], curves, evals) for row in rows]
+    return [_Row(row, [by_hash[h] for h in row["hashes"] if h in by_hash], curves, evals, depths) for row in rows]
 
 
-def _bpb(rows: list[dict]) -> bool:
-    """Whether these rows are scored in bits per byte (the text task) besides accuracy."""
-    return any("bits_per_byte" in m for r in rows for m in r["metrics"].values())
+def _trained_depth(config: dict) -> int | None:
+    """The number of iterations a depth-recurrent run trained with (its depth option's value)."""
+    import inspect
+
+    from recur.registry import ARCHITECTURES
+
+    model = config.get("model", {})
+    try:
+        cls = ARCHITECTURES.get(model.get("arch", "causal_lm")).cls
+    except Exception:  # noqa: BLE001 - an architecture not registered in this install
+        return None
+    if cls.depth_option is None:
+        return None
+    if cls.depth_option in model.get("args", {}):
+        return model["args"][cls.depth_option]
+    default = inspect.signature(cls.__init__).parameters.get(cls.depth_option)
+    return None if default is None or default.default is inspect.Parameter.empty else default.default
+
+
+# Metrics where lower is better that head a task's tables and figures in place of accuracy: text's
+# bits per byte, a regression task's squared error (icl_regression): key -> (column prefix, name).
+LOWER = {"bits_per_byte": ("bpb", "bits per byte"), "mse": ("mse", "squared error / d")}
+
+
+def _lower(rows: list[dict]) -> str | None:
+    """The lower-is-better metric these rows are scored in (``LOWER``), if any."""
+    return next((k for k in LOWER if any(k in m for r in rows for m in r["metrics"].values())), None)
+
+
+def _has_accuracy(rows: list[dict]) -> bool:
+    """Whether these rows have a token accuracy (a regression task has none)."""
+    return any("accuracy" in m for r in rows for m in r["metrics"].values())
+
+
+def _headline(rows: list[dict]) -> tuple[str, str]:
+    """The metric the figures plot (key, axis name): the lower-is-better one where the task has it."""
+    key = _lower(rows)
+    return ("accuracy", "accuracy") if key is None else (key, LOWER[key][1])
 
 
 def _chance(rows: list[_Row]) -> float | None:
@@ -230,8 +270,7 @@ def plot_state_size(rows: list[_Row], title: str, path: Path, chance: float | No
                     styles: dict | None = None) -> None:
     """Accuracy at the training length vs state size (log x), one line per model (Zoology, Arora et al. 2023);
     bits per byte where the task is scored in them."""
-    key = "bits_per_byte" if _bpb([r.row for r in rows]) else "accuracy"
-    metric = "bits per byte" if key != "accuracy" else "accuracy"
+    key, metric = _headline([r.row for r in rows])
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.add_subplot()
     by_model: dict[str, list[_Row]] = defaultdict(list)
@@ -269,7 +308,7 @@ def plot_length(rows: list[_Row], title: str, path: Path, chance: float | None =
                 styles: dict | None = None) -> None:
     """Accuracy vs evaluation length for each model's best row (length generalization); bits per
     byte where the task is scored in them (language modelling: does a longer context help or hurt?)."""
-    key = "bits_per_byte" if _bpb([r.row for r in rows]) else "accuracy"
+    key, metric = _headline([r.row for r in rows])
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.add_subplot()
     best: dict[str, _Row] = {}
@@ -304,7 +343,7 @@ def plot_length(rows: list[_Row], title: str, path: Path, chance: float | None =
         ax.set_ylabel("accuracy")
         ax.set_ylim(-0.03, 1.05)  # a marker at 1.0 stays whole
     else:
-        ax.set_ylabel("bits per byte (lower is better)")
+        ax.set_ylabel(f"{metric} (lower is better)")
     ax.set_title(f"{title}\nlength generalization (each model's best row)", fontsize=10)
     ax.grid(alpha=0.3)
     _legend(ax, len(best) + (chance is not None and key == "accuracy"))
@@ -348,6 +387,59 @@ def plot_curves(rows: list[_Row], title: str, path: Path, styles: dict | None = 
     return True
 
 
+def plot_depth(rows: list[_Row], title: str, path: Path, chance: float | None = None,
+               styles: dict | None = None) -> bool:
+    """Test-time compute: the metric at the training length against the number of iterations at
+    evaluation (``eval.loops``), one line per depth-recurrent row (mean over seeds, bars the min-max;
+    a star at the depth it trained with), and each fixed-depth row of the task as a dotted level.
+    False (no figure) when no row was evaluated at other depths."""
+    looped = [r for r in rows if r.depths]
+    if not looped:
+        return False
+    key, metric = _headline([r.row for r in rows])
+    styles = styles or _styles(rows)
+    fig = Figure(figsize=(6.4, 4.6))
+    ax = fig.add_subplot()
+    n_lines = 0
+    for r in looped:
+        style = {**styles[r.label], **styles[r.size]}
+        n = str(r.row["train_seq_len"])
+        depths = [{int(k): m for k, m in d.items()} for d in r.depths]  # the store keys them by int
+        loops = sorted({k for d in depths for k in d})
+        values = [[d[k][n][key] for d in depths if k in d and key in d[k].get(n, {})] for k in loops]
+        xs = [k for k, v in zip(loops, values) if v]
+        values = [v for v in values if v]
+        means = [sum(v) / len(v) for v in values]
+        ax.errorbar(xs, means, yerr=[[m - min(v) for m, v in zip(means, values)],
+                                     [max(v) - m for m, v in zip(means, values)]] if any(len(v) > 1 for v in values)
+                    else None, color=style["color"], marker=style["marker"], linestyle=style["linestyle"],
+                    markersize=5, linewidth=1.4, capsize=3, label=f"{r.label} ({r.size})")
+        trained, own = _trained_depth(r.config), r.accs(n, key)
+        if trained is not None and own:
+            ax.plot([trained], [sum(own) / len(own)], marker="*", markersize=12, color=style["color"], zorder=4,
+                    linestyle="none")
+        n_lines += 1
+    for r in rows:
+        own = r.accs(r.row["train_seq_len"], key)
+        if not r.depths and own and _trained_depth(r.config) is None:
+            style = styles[r.label]
+            ax.axhline(sum(own) / len(own), color=style["color"], linestyle=":", linewidth=1.2,
+                       label=f"{r.label} ({r.size}, fixed depth)")
+            n_lines += 1
+    if key == "accuracy":
+        _chance_line(ax, chance)
+        ax.set_ylim(-0.03, 1.05)
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.set_xlabel("iterations at evaluation (star: the depth trained with)")
+    ax.set_ylabel(metric if key == "accuracy" else f"{metric} (lower is better)")
+    ax.set_title(f"{title}\n{metric.split(' (')[0]} at the training length against test-time iterations", fontsize=10)
+    ax.grid(alpha=0.3)
+    _legend(ax, n_lines + (chance is not None and key == "accuracy"))
+    _save(fig, path)
+    return True
+
+
 def plot_evals(rows: list[_Row], title: str, path: Path, styles: dict | None = None) -> bool:
     """The eval curves (``eval.every``): the validation metric against training tokens, a colour per
     model, a line style per size, one line per seed. Bits per byte where the task has it (lower is
@@ -356,7 +448,7 @@ def plot_evals(rows: list[_Row], title: str, path: Path, styles: dict | None = N
     rows = sorted((r for r in rows if r.evals), key=lambda r: (r.label, r.row["d_model"], r.row["n_layers"]))
     if not rows:
         return False
-    key = "bits_per_byte" if any("bits_per_byte" in p[2] for r in rows for c in r.evals for p in c) else "accuracy"
+    key = next((k for k in LOWER if any(k in p[2] for r in rows for c in r.evals for p in c)), "accuracy")
     fig = Figure(figsize=(6.4, 4.6))
     ax = fig.add_subplot()
     for r in rows:
@@ -370,7 +462,7 @@ def plot_evals(rows: list[_Row], title: str, path: Path, styles: dict | None = N
             ax.plot([points[-1][0]], [points[-1][1]], color=style["color"], marker=style["marker"], markersize=5)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _fmt_tick(x)))
     ax.set_xlabel("training tokens")
-    what = "bits per byte (lower is better)" if key == "bits_per_byte" else "accuracy"
+    what = f"{LOWER[key][1]} (lower is better)" if key in LOWER else "accuracy"
     ax.set_ylabel(f"validation {what}")
     ax.set_title(f"{title}\nvalidation {what.split(' (')[0]} at the training length during training", fontsize=10)
     ax.grid(alpha=0.3)
@@ -452,8 +544,10 @@ def _cell(values: list[float], mean: float | None, fmt: str = ".3f") -> str:
 
 def _html_table(rows: list[_Row]) -> str:
     lengths = _lengths([r.row for r in rows])
-    bpb = [f"bpb@{n}" for n in lengths] if _bpb([r.row for r in rows]) else []
-    head = ["model", "d_model", "layers", "state size", "params", *bpb, *(f"acc@{n}" for n in lengths),
+    lower = _lower([r.row for r in rows])
+    bpb = [f"{LOWER[lower][0]}@{n}" for n in lengths] if lower else []
+    acc_lengths = lengths if _has_accuracy([r.row for r in rows]) else []
+    head = ["model", "d_model", "layers", "state size", "params", *bpb, *(f"acc@{n}" for n in acc_lengths),
             *["exact@train"] * (not bpb), "lr", "seeds", "steps run / budget", "batch", "train length", "time (s)", "runs (hash)"]
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>"]
     for r in rows:
@@ -464,8 +558,8 @@ def _html_table(rows: list[_Row]) -> str:
         steps_text += f" / {optim['steps']}" if "steps" in optim else ""
         secs = [run["seconds"] for run in r.runs]
         cells = [html.escape(r.label), row["d_model"], row["n_layers"], f"{row['state_size']:,}", f"{row['params']:,}",
-                 *(_cell(r.accs(n, "bits_per_byte"), _acc(row, n, "bits_per_byte")) for n in lengths if bpb),
-                 *(_cell(r.accs(n), _acc(row, n)) for n in lengths),
+                 *(_cell(r.accs(n, lower), _acc(row, n, lower)) for n in lengths if bpb),
+                 *(_cell(r.accs(n), _acc(row, n)) for n in acc_lengths),
                  *[_cell(r.accs(row["train_seq_len"], "exact_match"),
                          _acc(row, row["train_seq_len"], "exact_match"))] * (not bpb),
                  f"{row['lr']:g}", row["seeds"], steps_text, optim.get("batch_size", "-"), row["train_seq_len"],
@@ -504,6 +598,7 @@ def build_report(store: ResultStore | str | Path, out_dir: str | Path, hashes: s
     rows = store.leaderboard(hashes=hashes)
     curves = store.curves(hashes=hashes)
     evals = store.evals(hashes=hashes)
+    depths = store.depth_evals(hashes=hashes)
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
     parts = [
         "<!doctype html>", '<html><head><meta charset="utf-8"><title>recur report</title>',
@@ -521,12 +616,15 @@ def build_report(store: ResultStore | str | Path, out_dir: str | Path, hashes: s
         parts.append("<ul>" + "".join(f'<li><a href="#{_slug(t)}">{html.escape(t)}</a></li>' for t in tasks) + "</ul>")
     for task, trs in tasks.items():
         slug = _slug(task)
-        rs = _rows_with_runs(trs, runs, curves, evals)
+        rs = _rows_with_runs(trs, runs, curves, evals, depths)
         chance, styles = _chance(rs), _styles(rs)
         plot_state_size(rs, task, out / f"{slug}_state_size.png", chance, styles)
         plot_length(rs, task, out / f"{slug}_length.png", chance, styles)
-        figs = [(f"{slug}_state_size.png", ("bits per byte" if _bpb(trs) else "accuracy") + " vs state size"),
-                (f"{slug}_length.png", ("bits per byte" if _bpb(trs) else "accuracy") + " vs evaluation length")]
+        metric = _headline(trs)[1]
+        figs = [(f"{slug}_state_size.png", f"{metric} vs state size"),
+                (f"{slug}_length.png", f"{metric} vs evaluation length")]
+        if plot_depth(rs, task, out / f"{slug}_depth.png", chance, styles):
+            figs.append((f"{slug}_depth.png", f"{metric} against iterations at evaluation"))
         if plot_evals(rs, task, out / f"{slug}_evals.png", styles):
             figs.insert(0, (f"{slug}_evals.png", "validation metric against training tokens"))
         if plot_curves(rs, task, out / f"{slug}_loss.png", styles):

@@ -7,6 +7,7 @@
     store.leaderboard("mqar")         # seeds averaged, best lr per (model, size)
     store.curves()                    # {hash: [(step, loss, seconds), ...]}: the training-loss curves
     store.evals()                     # {hash: [(step, tokens, metrics), ...]}: the eval curves (eval.every)
+    store.depth_evals()               # {hash: {iterations: {length: metrics}}}: evaluations at other depths (eval.loops)
     store.records()                   # whole runs as rows, every table; put_records writes them (store merge)
 
 Each run (its row in ``runs``, its loss curve in ``curves``, its eval curve in ``evals`` and its
@@ -105,6 +106,12 @@ CREATE TABLE IF NOT EXISTS evals (     -- each run's eval curve (RunResult.evals
     metrics        TEXT NOT NULL,      -- JSON {"bits_per_byte", "accuracy", ...} at the training length
     PRIMARY KEY (hash, step)
 );
+CREATE TABLE IF NOT EXISTS depth_evals ( -- each run's evaluation at other numbers of iterations (eval.loops)
+    hash           TEXT NOT NULL,      -- the run's hash in runs
+    loops          INTEGER NOT NULL,   -- the depth option's value (e.g. n_loops) at this evaluation
+    metrics        TEXT NOT NULL,      -- JSON {eval length: {"accuracy", "exact_match", ...}}
+    PRIMARY KEY (hash, loops)
+);
 CREATE TABLE IF NOT EXISTS run_info (  -- facts about a run's data its config does not fix (Task.info)
     hash           TEXT PRIMARY KEY,   -- the run's hash in runs
     info           TEXT NOT NULL       -- JSON, e.g. {"corpus_sha256": ...}
@@ -121,7 +128,7 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Tables of one row or more per run, keyed by its hash: written with the run (put), deleted with it
 # (delete) and carried with it when stores are merged (recur.store_merge).
-PER_RUN_TABLES = ("curves", "evals", "run_info")
+PER_RUN_TABLES = ("curves", "evals", "run_info", "depth_evals")
 
 _COLUMNS = ("hash", "config", "task", "model", "seed", "d_model", "n_layers", "lr", "params", "state_size",
             "train_seq_len", "steps", "seconds", "metrics", "train_loss", "train_accuracy", "early_stopped",
@@ -307,6 +314,10 @@ class ResultStore:
             self._conn.executemany("INSERT INTO evals (hash, step, tokens, metrics) VALUES (?, ?, ?, ?)",
                                    [(result.config_hash, step, tokens, json.dumps(m, sort_keys=True))
                                     for step, tokens, m in result.evals])
+            self._conn.execute("DELETE FROM depth_evals WHERE hash = ?", (result.config_hash,))
+            self._conn.executemany("INSERT INTO depth_evals (hash, loops, metrics) VALUES (?, ?, ?)",
+                                   [(result.config_hash, int(n), json.dumps(m, sort_keys=True))
+                                    for n, m in result.depth_metrics.items()])
             self._conn.execute("DELETE FROM run_info WHERE hash = ?", (result.config_hash,))
             if result.info:
                 self._conn.execute("INSERT INTO run_info (hash, info) VALUES (?, ?)",
@@ -452,6 +463,15 @@ class ResultStore:
         for r in self._conn.execute("SELECT hash, step, tokens, metrics FROM evals ORDER BY hash, step"):
             if hashes is None or r[0] in hashes:
                 out[r[0]].append((r[1], r[2], json.loads(r[3])))
+        return dict(out)
+
+    def depth_evals(self, hashes: set[str] | None = None) -> dict[str, dict[int, dict[str, dict[str, float]]]]:
+        """Each run's evaluation at other numbers of iterations (``eval.loops``), ``{hash: {iterations:
+        {eval length: metrics}}}`` (runs without one: absent)."""
+        out: dict[str, dict[int, dict[str, dict[str, float]]]] = defaultdict(dict)
+        for r in self._conn.execute("SELECT hash, loops, metrics FROM depth_evals ORDER BY hash, loops"):
+            if hashes is None or r[0] in hashes:
+                out[r[0]][r[1]] = json.loads(r[2])
         return dict(out)
 
     def tasks(self) -> list[str]:
@@ -702,9 +722,11 @@ def _mean(xs) -> float:
 
 
 def _merit(metrics: dict[str, float]) -> float:
-    """Higher is better: minus the bits per byte where a run has them (text), else the accuracy."""
-    if "bits_per_byte" in metrics:
-        return -metrics["bits_per_byte"]
+    """Higher is better: minus the bits per byte where a run has them (text), minus the squared error
+    on a regression task, else the accuracy."""
+    for lower in ("bits_per_byte", "mse"):
+        if lower in metrics:
+            return -metrics[lower]
     return metrics.get("accuracy", 0.0)
 
 

@@ -118,7 +118,8 @@ def describe(cfg: RunConfig) -> str:
 
 
 def _result_line(result: RunResult) -> str:
-    accs = "  ".join((f"bpb@{n} {m['bits_per_byte']:.3f}" if "bits_per_byte" in m else f"acc@{n} {m['accuracy']:.3f}")
+    accs = "  ".join((f"bpb@{n} {m['bits_per_byte']:.3f}" if "bits_per_byte" in m else
+                      f"mse@{n} {m['mse']:.3f}" if "mse" in m else f"acc@{n} {m['accuracy']:.3f}")
                      for n, m in result.metrics.items())
     return f"{accs}  ({result.steps} steps, {result.seconds:.1f} s)"
 

@@ -107,6 +107,40 @@ def masked_cross_entropy(logits: torch.Tensor, batch, picked: bool = False) -> t
     return F.cross_entropy(picked, batch.targets[mask])
 
 
+def masked_squared_error(outputs: torch.Tensor, batch, picked: bool = False) -> torch.Tensor:
+    """The regression head's loss: mean squared error over the supervised positions' real-valued
+    targets (``batch.values`` [n, seq_len, k]), averaged over positions and the k outputs.
+    ``picked``: ``outputs`` holds only those positions already ([N, k])."""
+    mask = batch.mask
+    if not mask.any():
+        raise ValueError("a training batch has no supervised position (mask is all False)")
+    picked = outputs if picked else outputs[mask]
+    target = batch.values[mask]
+    if picked.shape != target.shape:
+        raise ValueError(f"the regression head gives {tuple(picked.shape[1:])} values per position, the task "
+                         f"supervises {tuple(target.shape[1:])}")
+    dtype = picked.dtype if picked.dtype in (torch.float32, torch.float64) else torch.float32
+    return (picked.to(dtype) - target.to(dtype)).pow(2).mean()
+
+
+def check_features(features: Any, tokens: torch.Tensor, feature_dim: int) -> None:
+    """Real-valued inputs ``features`` [batch, time, feature_dim] beside ``tokens`` [batch, time]:
+    given exactly when the model was built for them (``feature_dim`` > 0)."""
+    if feature_dim == 0:
+        if features is not None:
+            raise ValueError("this model was built without real-valued inputs (feature_dim=0), but features were "
+                             "given; build it for a task with features (task.model_io())")
+        return
+    if features is None:
+        raise ValueError(f"this model reads real-valued inputs (feature_dim={feature_dim}): pass "
+                         f"features=[batch, time, {feature_dim}] (batch.model_inputs() does)")
+    if not isinstance(features, torch.Tensor) or not features.is_floating_point():
+        raise TypeError(f"features must be a float tensor, got {getattr(features, 'dtype', type(features).__name__)}")
+    if features.shape != (*tokens.shape, feature_dim):
+        raise ValueError(f"features must have shape {(*tokens.shape, feature_dim)} (the tokens' shape and "
+                         f"feature_dim), got {tuple(features.shape)}")
+
+
 def check_positions(positions: Any, tokens: torch.Tensor) -> None:
     """``positions`` (where a head is asked for) is a bool tensor of the tokens' shape."""
     if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool or positions.shape != tokens.shape:
@@ -125,6 +159,9 @@ class Architecture(nn.Module, ABC):
     # of many, and at a paper's vocabulary (8192) the head and its loss over every position cost
     # more than the rest of the model (measured: 448 against 101 ms per training step).
     sparse_head: bool = False
+    # The attribute that sets how many iterations a depth-recurrent model runs at evaluation (settable
+    # after training: ``eval.loops`` evaluates at several values); None: a fixed-depth architecture.
+    depth_option: str | None = None
     vocab_size: int
 
     # -- to implement ---------------------------------------------------------
@@ -191,22 +228,44 @@ class Architecture(nn.Module, ABC):
         return pred
 
     def loss(self, out: ModelOutput, batch) -> torch.Tensor:
-        """The model's objective: masked cross-entropy of the head, plus its weighted auxiliary losses."""
-        loss = masked_cross_entropy(self.supervised_logits(out, batch), batch, picked=True)
-        for key, value in out.aux.items():
-            if key.endswith("_loss"):
-                loss = loss + value
-        return loss
+        """The model's objective: the head's loss plus its weighted auxiliary losses."""
+        return self.head_loss(out, batch) + self.aux_loss(out)
+
+    def head_loss(self, out: ModelOutput, batch) -> torch.Tensor:
+        """Masked cross-entropy of the head; the squared error of a regression head, on a task with
+        real-valued targets (``batch.values``)."""
+        loss = masked_cross_entropy if batch.values is None else masked_squared_error
+        return loss(self.supervised_logits(out, batch), batch, picked=True)
+
+    @staticmethod
+    def aux_loss(out: ModelOutput) -> torch.Tensor | float:
+        """The sum of the output's already-weighted auxiliary losses (``aux`` keys ending in ``_loss``)."""
+        return sum((value for key, value in out.aux.items() if key.endswith("_loss")), 0.0)
 
     @classmethod
-    def from_config(cls, config, vocab_size: int) -> Architecture:
+    def from_config(cls, config, vocab_size: int, **io: int) -> Architecture:
         """Build from a ``recur.config.ModelConfig``: the shared sizes and block parts, plus the
-        architecture's own options (``config.args``) as keyword arguments."""
+        architecture's own options (``config.args``) as keyword arguments. ``io``: the task's
+        ``model_io()`` (``feature_dim``, ``target_dim``: real-valued inputs, a regression head)."""
         config = _model_config(config)
         b = config.block
         return cls(vocab_size=vocab_size, d_model=config.d_model, n_layers=config.n_layers, pattern=config.mixer,
                    mixer_config=config.mixer_args, mlp=b.mlp, mlp_ratio=b.ratio, norm=b.norm,
-                   channel_options=b.mlp_args, **{**cls.tie_option(config), **config.args})
+                   channel_options=b.mlp_args, **{**cls.tie_option(config), **cls.io_options(io), **config.args})
+
+    @classmethod
+    def io_options(cls, io: dict[str, int]) -> dict[str, int]:
+        """The task's real-valued inputs and outputs (``Task.model_io``) as keywords of this
+        architecture; one whose constructor does not take them cannot serve the task."""
+        import inspect
+
+        params = inspect.signature(cls.__init__).parameters
+        missing = [k for k, v in io.items() if v and k not in params]
+        if missing:
+            raise ValueError(f"architecture {cls.name!r} has no {' or '.join(missing)} (real-valued "
+                             f"{'inputs' if missing == ['feature_dim'] else 'inputs or outputs'}); the task needs "
+                             f"{', '.join(f'{k}={io[k]}' for k in missing)}: use causal_lm or looped_lm")
+        return {k: v for k, v in io.items() if v}
 
     @classmethod
     def tie_option(cls, config) -> dict[str, Any]:
@@ -260,6 +319,9 @@ class Generator:
         different lengths, padded on the left: each row's state is reset at its first token, so
         pad tokens never enter it and every row generates what its prompt alone would.
         """
+        if getattr(self, "target_dim", 0):
+            raise ValueError(f"this model has a regression head (target_dim={self.target_dim}): it predicts real "
+                             "values, not tokens, so it cannot generate")
         check_sampling(max_new_tokens, temperature, top_k, self.vocab_size)
         check_tokens(prompt, self.vocab_size)
         if prompt.shape[1] == 0:

@@ -313,7 +313,7 @@ class MemN2N(Architecture):
         return ModelOutput(u @ self.W.T, state)
 
     @classmethod
-    def from_config(cls, config, vocab_size: int) -> MemN2N:
+    def from_config(cls, config, vocab_size: int, **io: int) -> MemN2N:
         """``model.n_layers`` is the number of hops K (the paper's "layers"), ``model.d_model`` the
         embedding width d, ``model.args`` the other options (memory_size, sentence_end, linear_start).
         MemN2N has no token mixers and no blocks: ``model.mixer`` must be "memn2n"."""
@@ -328,7 +328,8 @@ class MemN2N(Architecture):
                              "do not apply (its options are model.args: memory_size, sentence_end, linear_start)")
         if "hops" in config.args:
             raise ValueError("memn2n: the number of hops is model.n_layers (--n-layers), not model.args.hops")
-        return cls(vocab_size=vocab_size, d_model=config.d_model, hops=config.n_layers, **config.args)
+        return cls(vocab_size=vocab_size, d_model=config.d_model, hops=config.n_layers, **cls.io_options(io),
+                   **config.args)
 
     @classmethod
     def example(cls, vocab_size: int, d_model: int) -> MemN2N:

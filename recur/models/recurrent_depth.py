@@ -115,6 +115,8 @@ class RecurrentDepth(CausalLM):
     """Prelude -> core block looped r times over a latent (adapter over [state; embedding]) -> coda
     -> head; r random in training, ``n_loops`` in eval, optional per-token KL exit (Huginn)."""
 
+    depth_option = "n_loops"
+
     def __init__(self, vocab_size: int, d_model: int, n_layers: int | None = None, pattern="attention",
                  mixer_config: Mapping[str, Any] | None = None, mlp: str | None = "swiglu",
                  mlp_ratio: float = 4.0, tie_embeddings: bool = False, norm: str = "rmsnorm",

@@ -8,6 +8,11 @@
 
 * ``inputs``, ``targets``: int64 [n, seq_len]; ``mask``: bool [n, seq_len], True where the
   position is supervised (the loss and the metrics use only those positions).
+* Real-valued data (in-context regression, points, strokes): a task with ``feature_dim = F > 0``
+  gives ``batch.features`` float [n, seq_len, F], read by the model next to the tokens (added to
+  their embedding); one with ``target_dim = k > 0`` supervises ``batch.values`` float [n, seq_len, k]
+  (the model's head then outputs k reals per position and its loss is the squared error; ``targets``
+  is unused and zero). ``task.model_io()`` is what the model is built with.
 * Generators are deterministic given the ``torch.Generator``; train and test data are
   disjoint by construction (``split``): every sequence belongs to exactly one split, decided
   by a hash of its defining content (see ``split_of``).
@@ -41,10 +46,18 @@ class Batch:
     mask: torch.Tensor  # bool [n, seq_len]
     valid: torch.Tensor | None = None  # bool [n, seq_len, vocab]: every acceptable target (dfa_icll)
     resets: torch.Tensor | None = None  # bool [n, seq_len]: packed documents, True where one starts
+    features: torch.Tensor | None = None  # float [n, seq_len, F]: real-valued inputs (Task.feature_dim)
+    values: torch.Tensor | None = None  # float [n, seq_len, k]: real-valued targets (Task.target_dim)
 
     def model_inputs(self, start: int = 0, end: int | None = None) -> dict:
-        """Keyword arguments of a model call on positions [start, end): ``resets`` when packed."""
-        return {} if self.resets is None else {"resets": self.resets[:, start:end]}
+        """Keyword arguments of a model call on positions [start, end): ``resets`` when packed,
+        ``features`` when the task has real-valued inputs."""
+        kwargs = {}
+        if self.resets is not None:
+            kwargs["resets"] = self.resets[:, start:end]
+        if self.features is not None:
+            kwargs["features"] = self.features[:, start:end]
+        return kwargs
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return iter((self.inputs, self.targets, self.mask))
@@ -57,13 +70,15 @@ class Batch:
             mask = mask.clone()
             mask[:, :supervised_from - start] = False
         return Batch(self.inputs[:, start:end], self.targets[:, start:end], mask,
-                     valid=None if self.valid is None else self.valid[:, start:end],
-                     resets=None if self.resets is None else self.resets[:, start:end])
+                     **{k: None if v is None else v[:, start:end] for k, v in self._optional().items()})
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in (self.inputs, self.targets, self.mask)),
-                     valid=None if self.valid is None else self.valid.to(device),
-                     resets=None if self.resets is None else self.resets.to(device))
+                     **{k: None if v is None else v.to(device) for k, v in self._optional().items()})
+
+    def _optional(self) -> dict[str, torch.Tensor | None]:
+        """The per-position fields beyond inputs, targets and mask (each [n, seq_len, ...] or None)."""
+        return {"valid": self.valid, "resets": self.resets, "features": self.features, "values": self.values}
 
 
 class TaskParams(StrictNumbers, BaseModel):
@@ -83,6 +98,8 @@ class Task(ABC):
     # (validation) is what a run's periodic evaluations read (``eval.every``).
     splits: ClassVar[tuple[str, ...]] = SPLITS
     lower_is_better: ClassVar[tuple[str, ...]] = ()  # metrics where less is better (bits_per_byte)
+    feature_dim: ClassVar[int] = 0  # > 0: batches carry real-valued inputs ``features`` [n, seq_len, F]
+    target_dim: ClassVar[int] = 0  # > 0: a regression task, supervising ``values`` [n, seq_len, k]
 
     def __init__(self, **params: Any):
         try:
@@ -145,6 +162,19 @@ class Task(ABC):
         ``score_predictions`` of its argmax predictions; a task scored from the logits themselves
         (bits per byte) overrides it."""
         return self.score_predictions(model.predictions(out, batch), batch)
+
+    def model_io(self) -> dict[str, int]:
+        """The model's input and output beyond the vocabulary: ``feature_dim`` (real-valued inputs per
+        position) and ``target_dim`` (a regression head of that many reals), where non-zero; what
+        ``Architecture.from_config`` builds the model with."""
+        return {k: v for k, v in (("feature_dim", self.feature_dim), ("target_dim", self.target_dim)) if v}
+
+    def training_accuracy(self, model, out, batch: Batch) -> float:
+        """The accuracy the Trainer logs each step and its early-stop rule reads: the token accuracy
+        of the model's predictions. A regression task has none: NaN (the rule then never fires)."""
+        if self.target_dim:
+            return float("nan")
+        return self.score_predictions(model.predictions(out, batch), batch)["accuracy"]
 
     def info(self) -> dict[str, Any]:
         """Facts about this task's data that its parameters do not fix (a corpus's sha256), stored with

@@ -80,14 +80,16 @@ class RunResult(BaseModel):
     # The eval curve (``eval.every``): (step, training tokens seen, metrics at the training length on
     # the validation split) every ``eval.every`` steps and at the last step.
     evals: list[tuple[int, int, dict[str, float]]] = Field(default_factory=list)
+    # The evaluation at other numbers of iterations (``eval.loops``): {iterations: {eval length: metrics}}.
+    depth_metrics: dict[str, dict[str, dict[str, float]]] = Field(default_factory=dict)
     # The task's facts about its data (``Task.info``), and how the run was trained where its config does
     # not say: ``world_size`` for a data-parallel run (``recur.training.distributed``; absent: one process).
     info: dict[str, Any] = Field(default_factory=dict)
 
     def summary(self) -> dict:
-        """The stable JSON of `recur run --json`."""
-        return {k: getattr(self, k) for k in
-                ("task", "model", "seed", "params", "state_size", "train_seq_len", "steps", "seconds", "metrics")}
+        """The stable JSON of `recur run --json` (``depth_metrics`` only for a run with ``eval.loops``)."""
+        keys = ("task", "model", "seed", "params", "state_size", "train_seq_len", "steps", "seconds", "metrics")
+        return {k: getattr(self, k) for k in keys + ("depth_metrics",) * bool(self.depth_metrics)}
 
 
 # ------------------------------------------------------------------ set-up
@@ -114,13 +116,34 @@ def build(cfg: RunConfig) -> tuple[Task, Architecture]:
         raise ConfigError(str(e)) from None
     torch.manual_seed(cfg.seed)
     try:
-        model = arch.from_config(cfg.model, vocab_size=task.vocab_size)
+        model = arch.from_config(cfg.model, vocab_size=task.vocab_size, **task.model_io())
     except TypeError as e:  # an unexpected keyword argument of a mixer or of the architecture
         raise ConfigError(f"bad options for model {cfg.model_name!r} (model.mixer_args {cfg.model.mixer_args}, "
                           f"model.args {cfg.model.args}): {e}") from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.eval.loops and model.depth_option is None:
+        looped = ", ".join(n for n in ARCHITECTURES.names() if ARCHITECTURES.get(n).cls.depth_option)
+        raise ConfigError(f"eval.loops={cfg.eval.loops}: architecture {cfg.model.arch!r} has a fixed depth (no number "
+                          f"of iterations to set); the depth-recurrent ones are {looped}")
     return task, model
+
+
+def evaluate_depths(model: Architecture, task: Task, cfg: RunConfig, device, loops: list[int],
+                    dist: Distributed | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """``evaluate`` with the model's depth option (``model.depth_option``, e.g. n_loops) set to each of
+    ``loops`` in turn: {iterations: {eval length: metrics}}. The model keeps its own value after."""
+    option = model.depth_option
+    own = getattr(model, option)
+    shared = {} if dist is None else {"dist": dist}
+    out = {}
+    try:
+        for n in loops:
+            setattr(model, option, n)
+            out[str(n)] = evaluate(model, task, cfg, device, **shared)
+    finally:
+        setattr(model, option, own)
+    return out
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float = 0.0) -> float:
@@ -364,7 +387,7 @@ class Trainer:
         for m in self.methods:
             m.step_end(self, step_out)
         with torch.no_grad():
-            acc = self.train_task.score_predictions(self.model.predictions(out, batch), batch)["accuracy"]
+            acc = self.train_task.training_accuracy(self.model, out, batch)
         loss_value = loss.item()
         if self.dist is not None:  # the global batch's loss and accuracy: means weighted by supervised counts
             loss_value, acc = self.dist.sum([loss_value * weight, acc * weight])
@@ -496,6 +519,8 @@ class Trainer:
             self.validate()  # the curve ends at the last step (an early stop, or a budget not a multiple)
         shared = {} if self.dist is None else {"dist": self.dist}  # one process: the call as it always was
         metrics = evaluate(self.model, self.task, cfg, self.device, **shared)
+        depth_metrics = evaluate_depths(self.model, self.task, cfg, self.device, cfg.eval.loops, self.dist) \
+            if cfg.eval.loops else {}
         info = self.task.info()
         if self.dist is not None:
             info = {**info, "world_size": self.dist.world_size}
@@ -511,6 +536,7 @@ class Trainer:
             steps=self.step,
             seconds=round(time.perf_counter() - start, 3),
             metrics=metrics,
+            depth_metrics=depth_metrics,
             train_loss=sum(l for l, _ in self.window) / max(1, len(self.window)),
             train_accuracy=sum(a for _, a in self.window) / max(1, len(self.window)),
             early_stopped=self.early_stopped,

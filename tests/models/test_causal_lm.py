@@ -142,3 +142,36 @@ def test_readme_five_line_example():
     lm = recur.CausalLM(vocab_size=256, d_model=64, n_layers=4, pattern="samba")
     out = lm.generate(torch.randint(0, 256, (1, 8)), max_new_tokens=16)
     assert y.shape == (2, 50, 64) and out.shape == (1, 24)
+
+
+def test_real_valued_inputs_are_added_to_the_embedding_and_the_regression_head_owns_a_squared_error():
+    from recur.tasks.base import Batch
+
+    torch.manual_seed(0)
+    lm = CausalLM(2, 16, 1, pattern="gla", feature_dim=4, target_dim=2).double()
+    x = torch.randint(2, (3, 6), generator=torch.Generator().manual_seed(1))
+    f = torch.randn(3, 6, 4, dtype=torch.float64)
+    out = lm(x, features=f)
+    h, _ = lm.backbone(lm.embed(x) + lm.features(f))
+    torch.testing.assert_close(out.logits, lm.head(lm.norm(h)), rtol=1e-12, atol=1e-12)
+    mask = torch.rand(3, 6, generator=torch.Generator().manual_seed(2)) < 0.5
+    mask[0, 0] = True
+    values = torch.randn(3, 6, 2, dtype=torch.float64)
+    batch = Batch(x, torch.zeros_like(x), mask, features=f, values=values)
+    torch.testing.assert_close(lm.loss(out, batch), ((out.logits - values)[mask] ** 2).mean(), rtol=1e-12, atol=0)
+    sparse = lm(x, features=f, positions=mask)  # the head at the supervised positions only: the same loss
+    torch.testing.assert_close(lm.loss(sparse, batch), lm.loss(out, batch), rtol=1e-12, atol=0)
+    first = lm(x[:, :4], features=f[:, :4])  # the state carries as for tokens
+    second = lm(x[:, 4:], first.state, features=f[:, 4:])
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], 1), out.logits, rtol=1e-12, atol=1e-12)
+
+
+def test_real_valued_options_fail_clearly():
+    with pytest.raises(ValueError, match="tied"):
+        CausalLM(2, 16, 1, pattern="gla", target_dim=1, tie_embeddings=True)
+    with pytest.raises(ValueError, match="feature_dim must be an int"):
+        CausalLM(2, 16, 1, pattern="gla", feature_dim=-1)
+    lm = CausalLM(2, 16, 1, pattern="gla")
+    x = torch.zeros(1, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="without real-valued inputs"):
+        lm(x, features=torch.zeros(1, 3, 2))
