@@ -13,6 +13,13 @@
   their embedding); one with ``target_dim = k > 0`` supervises ``batch.values`` float [n, seq_len, k]
   (the model's head then outputs k reals per position and its loss is the squared error; ``targets``
   is unused and zero). ``task.model_io()`` is what the model is built with.
+* Label sequences (CTC, the transducer): ``batch.labels`` int64 [n, L], each row's label sequence
+  padded with -1, its own length independent of the input's (a loss over alignments reads it, not
+  ``targets``); per row, so ``window`` keeps it whole.
+* Transduction tasks lay out ``source SEP target`` in one stream, the target teacher forced and
+  supervised (as ``grid_batch``): an encoder-decoder reads the source up to SEP, then decodes.
+  Exact match under teacher forcing is the exact match of greedy decoding (every step right given
+  the right prefix is the greedy output).
 * Generators are deterministic given the ``torch.Generator``; train and test data are
   disjoint by construction (``split``): every sequence belongs to exactly one split, decided
   by a hash of its defining content (see ``split_of``).
@@ -48,6 +55,7 @@ class Batch:
     resets: torch.Tensor | None = None  # bool [n, seq_len]: packed documents, True where one starts
     features: torch.Tensor | None = None  # float [n, seq_len, F]: real-valued inputs (Task.feature_dim)
     values: torch.Tensor | None = None  # float [n, seq_len, k]: real-valued targets (Task.target_dim)
+    labels: torch.Tensor | None = None  # int64 [n, L]: a label sequence per row, padded with -1 (CTC)
 
     def model_inputs(self, start: int = 0, end: int | None = None) -> dict:
         """Keyword arguments of a model call on positions [start, end): ``resets`` when packed,
@@ -70,11 +78,19 @@ class Batch:
             mask = mask.clone()
             mask[:, :supervised_from - start] = False
         return Batch(self.inputs[:, start:end], self.targets[:, start:end], mask,
-                     **{k: None if v is None else v[:, start:end] for k, v in self._optional().items()})
+                     **{k: None if v is None else v[:, start:end] for k, v in self._optional().items()},
+                     labels=self.labels)
 
     def to(self, device) -> Batch:
         return Batch(*(t.to(device) for t in (self.inputs, self.targets, self.mask)),
-                     **{k: None if v is None else v.to(device) for k, v in self._optional().items()})
+                     **{k: None if v is None else v.to(device) for k, v in self._optional().items()},
+                     labels=None if self.labels is None else self.labels.to(device))
+
+    def label_lists(self) -> list[list[int]]:
+        """Each row's label sequence without its -1 padding."""
+        if self.labels is None:
+            raise ValueError("this batch has no label sequences (Batch.labels)")
+        return [[v for v in row if v >= 0] for row in self.labels.tolist()]
 
     def _optional(self) -> dict[str, torch.Tensor | None]:
         """The per-position fields beyond inputs, targets and mask (each [n, seq_len, ...] or None)."""
