@@ -175,7 +175,9 @@ class Outcome:
 def measure(finding: Finding, store, quick: bool = False) -> Measured:
     """The stored rows of ``finding``'s runs (whatever is in ``store`` of them)."""
     hashes = {config_hash(c) for c in finding.configs(quick)}
-    return Measured(store.leaderboard(hashes=hashes), store.all_runs(hashes=hashes))
+    m = Measured(store.leaderboard(hashes=hashes), store.all_runs(hashes=hashes))
+    m.extra["depth_evals"] = store.depth_evals(hashes=hashes)  # {hash: {iterations: {length: metrics}}}
+    return m
 
 
 def reproduce(finding: Finding, store, quick: bool = False, workers: int = 1, console=None,

@@ -260,12 +260,13 @@ class Architecture(nn.Module, ABC):
         import inspect
 
         params = inspect.signature(cls.__init__).parameters
+        io = {k: v for k, v in io.items() if k != "sep" or "sep" in params}  # only an encoder-decoder splits there
         missing = [k for k, v in io.items() if v and k not in params]
         if missing:
             raise ValueError(f"architecture {cls.name!r} has no {' or '.join(missing)} (real-valued "
                              f"{'inputs' if missing == ['feature_dim'] else 'inputs or outputs'}); the task needs "
                              f"{', '.join(f'{k}={io[k]}' for k in missing)}: use causal_lm or looped_lm")
-        return {k: v for k, v in io.items() if v}
+        return {k: v for k, v in io.items() if v or k == "sep"}
 
     @classmethod
     def tie_option(cls, config) -> dict[str, Any]:

@@ -160,8 +160,10 @@ class Backbone(nn.Module):
         return keys | {f"channel{i}" for i, b in enumerate(self.layers) if b.stateful_channel}
 
     def forward(self, x: torch.Tensor, state: State | None = None,
-                resets: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
-        """``resets`` bool [batch, time]: True where a packed document starts (every layer resets)."""
+                resets: torch.Tensor | None = None, after_layer=None) -> tuple[torch.Tensor, State]:
+        """``resets`` bool [batch, time]: True where a packed document starts (every layer resets).
+        ``after_layer(i, x) -> x``: applied to each layer's output before the next layer reads it (a
+        decoder's cross-attention between its layers)."""
         if state is not None and (not isinstance(state, State) or set(state) != self._state_keys()):
             got = sorted(state) if isinstance(state, State) else type(state).__name__
             raise ValueError(f"backbone state must be a State with entries {sorted(self._state_keys())} "
@@ -172,6 +174,8 @@ class Backbone(nn.Module):
             x, new[f"layer{i}"], ch = block(x, get(f"layer{i}"), get(f"channel{i}"), resets=resets)
             if ch is not None:
                 new[f"channel{i}"] = ch
+            if after_layer is not None:
+                x = after_layer(i, x)
         return x, State(new)
 
 

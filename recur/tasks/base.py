@@ -116,6 +116,7 @@ class Task(ABC):
     lower_is_better: ClassVar[tuple[str, ...]] = ()  # metrics where less is better (bits_per_byte)
     feature_dim: ClassVar[int] = 0  # > 0: batches carry real-valued inputs ``features`` [n, seq_len, F]
     target_dim: ClassVar[int] = 0  # > 0: a regression task, supervising ``values`` [n, seq_len, k]
+    separator: ClassVar[int | None] = None  # a transduction task's SEP id (``source SEP target``)
 
     def __init__(self, **params: Any):
         try:
@@ -182,8 +183,10 @@ class Task(ABC):
     def model_io(self) -> dict[str, int]:
         """The model's input and output beyond the vocabulary: ``feature_dim`` (real-valued inputs per
         position) and ``target_dim`` (a regression head of that many reals), where non-zero; what
-        ``Architecture.from_config`` builds the model with."""
-        return {k: v for k, v in (("feature_dim", self.feature_dim), ("target_dim", self.target_dim)) if v}
+        ``Architecture.from_config`` builds the model with; and ``sep``, a transduction task's
+        separator, for the encoder-decoders that split the stream there (other models ignore it)."""
+        io = {k: v for k, v in (("feature_dim", self.feature_dim), ("target_dim", self.target_dim)) if v}
+        return io if self.separator is None else {**io, "sep": self.separator}
 
     def training_accuracy(self, model, out, batch: Batch) -> float:
         """The accuracy the Trainer logs each step and its early-stop rule reads: the token accuracy

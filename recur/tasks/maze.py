@@ -113,6 +113,8 @@ def draw_maze(n: int, min_distance: int, rng: random.Random) -> list[int]:
 class Maze(Task):
     """Shortest path in an n x n tree maze: the maze, SEP, then the maze with the path marked."""
 
+    separator = SEP
+
     name = "maze"
     Params = MazeParams
     description = ("n x n maze (size 8-12), free cells a random tree (unique shortest path): 'maze SEP solved [PAD..]', "

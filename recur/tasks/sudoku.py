@@ -187,6 +187,8 @@ class Solver:
 class Sudoku(Task):
     """n x n Sudoku (n = 4 or 6) with a unique solution: the puzzle, SEP, then the solution."""
 
+    separator = SEP
+
     name = "sudoku"
     Params = SudokuParams
     description = ("n x n Sudoku (size 4: 2x2 boxes, 6: 2x3), unique solution: 'puzzle SEP solution [PAD..]', both "
