@@ -201,7 +201,8 @@ def head_inputs(model: Architecture, batch: Batch) -> dict:
 @torch.no_grad()
 def evaluate(model: Architecture, task: Task, cfg: RunConfig, device, split: str | None = None,
              lengths: list[int] | None = None, dist: Distributed | None = None) -> dict[str, dict[str, float]]:
-    """Mean ``task.score_output`` over ``cfg.eval.batches`` batches of ``split`` (default: the task's
+    """Mean ``task.score_output`` (plus the model's scalar ``aux`` diagnostics, e.g. ``ponder_steps``)
+    over ``cfg.eval.batches`` batches of ``split`` (default: the task's
     last, test) at every length of ``lengths`` (default: ``cfg.eval.lengths``), from a zero initial
     state. The batches depend only on the seed, the split and the length: every call sees the same.
 
@@ -222,7 +223,12 @@ def evaluate(model: Architecture, task: Task, cfg: RunConfig, device, split: str
                 continue
             batch = batch.to(device)
             out = model(batch.inputs, **head_inputs(model, batch))
-            scores.append((i, task.score_output(model, out, batch)))
+            score = task.score_output(model, out, batch)
+            # the model's scalar diagnostics (UT's ponder steps, a router's usage entropy) at this length
+            score |= {k: float(v) for k, v in out.aux.items()
+                      if not k.endswith("_loss") and isinstance(v, torch.Tensor) and v.ndim == 0
+                      and v.is_floating_point() and k not in score}
+            scores.append((i, score))
         if dist is not None:
             scores = sorted((p for part in dist.all_gather_object(scores) for p in part), key=lambda p: p[0])
         sums: dict[str, float] = {}

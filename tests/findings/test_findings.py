@@ -20,7 +20,9 @@ from recur.results import ResultStore
 SEVEN = {"zoology-mqar", "illusion-of-state", "negative-eigenvalues", "jrt", "length-generalization",
          "state-capacity", "mingru-speed"}
 SEGMENT_MEMORY = {"rmt-segments", "armt-capacity", "brt-windows", "tmaze-memory"}  # issue 15's findings
-ALL = SEVEN | SEGMENT_MEMORY
+DEPTH = {"looped-icl", "test-time-compute", "act-ponder", "hrm-segments"}  # issue 16's findings
+TRANSDUCTION = {"scan-splits"}  # issue 18's
+ALL = SEVEN | SEGMENT_MEMORY | DEPTH | TRANSDUCTION
 
 
 def test_the_findings_are_registered_with_their_papers():
@@ -224,3 +226,35 @@ def test_tmaze_verdicts_read_the_rollout_success(tmp_path):
         assert finding.curves(m)["swa (no memory)"][383] == pytest.approx(0.52)  # the mean of the seeds
     assert [v.reproduced for v in verdicts] == [True, True]
     assert "L=95: 1.000" in verdicts[0].measured
+
+
+def test_test_time_compute_reads_the_depth_evaluations(tmp_path):
+    from recur.findings.base import measure
+    from recur.findings.test_time_compute import TestTimeCompute
+
+    finding = TestTimeCompute()
+    curves = {"recurrent_depth": {1: 0.3, 2: 0.5, 4: 0.6, 8: 0.7, 16: 0.72}, "looped_lm": {1: 0.2, 2: 0.4, 4: 0.6,
+                                                                                       8: 0.6, 16: 0.55}}
+    results = []
+    for cfg in finding.configs():
+        r = fake_result(cfg, {15: 0.5, 24: 0.3})
+        if cfg.model.arch in curves:
+            r = r.model_copy(update={"depth_metrics": {str(k): {"15": {"accuracy": v}}
+                                                       for k, v in curves[cfg.model.arch].items()}})
+        results.append(r)
+    with _store_with(tmp_path, results) as store:
+        verdicts = finding.verdicts(measure(finding, store))
+    assert [v.reproduced for v in verdicts] == [True, False, True]  # the looped model does not gain past 4
+    assert "8: 0.700" in verdicts[0].measured and "fixed depth (3 blocks) 0.500" in verdicts[2].measured
+
+
+def test_scan_verdicts_read_each_splits_exact_match(tmp_path):
+    from recur.findings.base import measure
+    from recur.findings.scan_splits import ScanSplits
+
+    finding = ScanSplits()
+    exact = {"simple": 0.99, "length": 0.12, "addprim_jump": 0.08, "addprim_turn_left": 0.9}
+    results = [fake_result(cfg, {60: 2 * exact[cfg.task.args["split"]]}) for cfg in finding.configs()]
+    with _store_with(tmp_path, results) as store:
+        verdicts = finding.verdicts(measure(finding, store))
+    assert [v.reproduced for v in verdicts] == [True, True, False]  # jump at 8% is not "under 2%"
