@@ -2,7 +2,7 @@
 
 from recur.registry import load_modules
 
-MODULES = ("state_noise", "state_passing", "tbptt", "gradient_noise", "curriculum")
+MODULES = ("state_noise", "state_passing", "tbptt", "gradient_noise", "curriculum", "twin")
 load_modules(__name__, MODULES)
 
 __all__ = ["MODULES"]
