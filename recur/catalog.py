@@ -78,8 +78,11 @@ def architectures(d_model: int = WIDTH, seq_len: int = LENGTH) -> list[dict[str,
         try:
             import inspect
 
-            depth = {"n_layers": ARCH_LAYERS} if "n_layers" in inspect.signature(cls.__init__).parameters else {}
-            model = cls(vocab_size=ARCH_VOCAB, d_model=d_model, **depth)  # the rest: the class's defaults
+            params = inspect.signature(cls.__init__).parameters
+            depth = {"n_layers": ARCH_LAYERS} if "n_layers" in params else {}
+            # an encoder-decoder takes its separator from the task (model_io); here, the last token id
+            sep = {"sep": ARCH_VOCAB - 1} if "sep" in params and params["sep"].default is None else {}
+            model = cls(vocab_size=ARCH_VOCAB, d_model=d_model, **depth, **sep)  # the rest: the class's defaults
             row["state_size"] = model.state_size(seq_len)
             row["grows"] = model.state_size(2 * seq_len) > row["state_size"]
         except Exception as e:  # noqa: BLE001 - a listing shows what it can

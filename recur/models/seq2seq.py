@@ -53,6 +53,31 @@ ATTENTIONS = ("additive", "dot")
 STATE_KEYS = ("encoder", "decoder", "memory", "memory_len", "seen_sep")
 
 
+def stream_layout(tokens: torch.Tensor, sep: int, seen_sep: torch.Tensor, resets: torch.Tensor | None):
+    """Where the source is in a ``source SEP target`` stream, per position: its document within the
+    call, whether a reset came at or before it (it no longer continues the state's document),
+    whether it is a source position (before its document's first SEP), and whether it is that first
+    SEP. ``seen_sep`` bool [batch]: the state's document already passed its SEP. Shared by the
+    encoder-decoders that split the stream there (seq2seq, pointer)."""
+    B, T = tokens.shape
+    t = torch.arange(T, device=tokens.device).expand(B, T)
+    is_sep = tokens == sep
+    cum = torch.cumsum(is_sep.long(), dim=1) - is_sep.long()  # SEPs strictly before t in the call
+    if resets is None:
+        doc = torch.zeros_like(t)
+        fresh = torch.zeros_like(is_sep)
+        before = cum + seen_sep.long()[:, None]
+    else:
+        doc = torch.cumsum(resets.long(), dim=1)
+        last = torch.where(resets, t, torch.full_like(t, -1)).cummax(dim=1).values  # the doc's start, or -1
+        fresh = last >= 0
+        at_start = cum.gather(1, last.clamp(min=0))
+        before = torch.where(fresh, cum - at_start, cum + seen_sep.long()[:, None])
+    source = (before == 0) & ~is_sep
+    first_sep = is_sep & (before == 0)
+    return doc, fresh, source, first_sep
+
+
 class CrossAttention(nn.Module):
     """One query per decoder position over the memory: its context, projected (``W_o sum_j a_j e_j``)."""
 
@@ -143,28 +168,8 @@ class Seq2Seq(Generator, Architecture):
         return (self.encoder.state_size(seq_len) + self.decoder.state_size(seq_len)
                 + self.max_source * self.embed.embedding_dim)
 
-    # -- where the source is ------------------------------------------------------
     def _layout(self, tokens: torch.Tensor, seen_sep: torch.Tensor, resets: torch.Tensor | None):
-        """Per position: its document within the call, whether a reset came at or before it (it no
-        longer continues the state's document), whether it is a source position, and whether it is
-        its document's first SEP."""
-        B, T = tokens.shape
-        t = torch.arange(T, device=tokens.device).expand(B, T)
-        is_sep = tokens == self.sep
-        cum = torch.cumsum(is_sep.long(), dim=1) - is_sep.long()  # SEPs strictly before t in the call
-        if resets is None:
-            doc = torch.zeros_like(t)
-            fresh = torch.zeros_like(is_sep)
-            before = cum + seen_sep.long()[:, None]
-        else:
-            doc = torch.cumsum(resets.long(), dim=1)
-            last = torch.where(resets, t, torch.full_like(t, -1)).cummax(dim=1).values  # the doc's start, or -1
-            fresh = last >= 0
-            at_start = cum.gather(1, last.clamp(min=0))
-            before = torch.where(fresh, cum - at_start, cum + seen_sep.long()[:, None])
-        source = (before == 0) & ~is_sep
-        first_sep = is_sep & (before == 0)
-        return doc, fresh, source, first_sep
+        return stream_layout(tokens, self.sep, seen_sep, resets)
 
     def forward(self, tokens: torch.Tensor, state: State | None = None, resets: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None) -> ModelOutput:
@@ -231,4 +236,4 @@ class Seq2Seq(Generator, Architecture):
                    attention="additive")
 
 
-__all__ = ["ATTENTIONS", "CrossAttention", "Seq2Seq"]
+__all__ = ["ATTENTIONS", "CrossAttention", "Seq2Seq", "stream_layout"]
