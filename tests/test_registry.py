@@ -44,7 +44,7 @@ def test_register_list_get_and_describe():
 def test_every_module_of_a_package_is_listed_in_its_one_place(package):
     # parts the registering modules share, and functions over registered models (CoLa search, samplers, conversions)
     shared = {"base", "common", "blocks", "packing", "segments", "loops", "lora", "deep_supervision", "cola",
-              "parallel_sampler", "retrofit"}
+              "parallel_sampler", "retrofit", "transducer_loss"}
     files = {m.name for m in pkgutil.iter_modules(package.__path__)} - shared
     assert files == set(package.MODULES), f"{package.__name__}.MODULES must list every module that registers"
 

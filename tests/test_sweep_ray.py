@@ -121,7 +121,7 @@ def test_a_killed_ray_worker_is_retried_and_its_run_stored_whole(local_ray, tmp_
         assert run["steps"] == 4 and store.all_runs()[0]["info"] == {"hold_dir": str(tmp_path / "hold")}
         assert [p[0] for p in store.curves()[h]] == [1, 2, 3, 4]  # the retry's whole curve
         assert [e[0] for e in store.evals()[h]] == [2, 4]
-    assert _rows(tmp_path / "runs.sqlite", h) == {"runs": 1, "curves": 4, "evals": 2, "run_info": 1, "claims": 0}
+    assert _rows(tmp_path / "runs.sqlite", h) == {"runs": 1, "curves": 4, "evals": 2, "run_info": 1, "claims": 0, "depth_evals": 0}
 
 
 def test_a_ray_worker_killed_with_no_retry_left_fails_its_run_and_writes_nothing_of_it(local_ray, tmp_path):
@@ -139,7 +139,7 @@ def test_a_ray_worker_killed_with_no_retry_left_fails_its_run_and_writes_nothing
         why = summary.failed[0][1]
         assert why.startswith("its Ray worker died (WorkerCrashedError") and "the run was not recorded" in why
         assert "its Ray worker died" in out.getvalue()
-    assert _rows(tmp_path / "runs.sqlite", h) == {"runs": 0, "curves": 0, "evals": 0, "run_info": 0, "claims": 0}
+    assert _rows(tmp_path / "runs.sqlite", h) == {"runs": 0, "curves": 0, "evals": 0, "run_info": 0, "claims": 0, "depth_evals": 0}
 
 
 def _grid(path: Path, runs: list[dict], imports: list[str]) -> Path:
@@ -214,7 +214,7 @@ def test_ctrl_c_on_a_ray_sweep_stops_its_tasks_and_keeps_every_finished_run(tmp_
         assert time.monotonic() < deadline, f"the held run's worker {holder} still runs"
         time.sleep(0.1)
     held = next(c for c in _configs(grid) if c.task.name == "harness_hold")
-    assert _rows(db, config_hash(held)) == {"runs": 0, "curves": 0, "evals": 0, "run_info": 0, "claims": 0}
+    assert _rows(db, config_hash(held)) == {"runs": 0, "curves": 0, "evals": 0, "run_info": 0, "claims": 0, "depth_evals": 0}
     assert main(["sweep", str(grid), "--db", str(db)]) == 0  # resumed here (the hold is spent): both stored
     with ResultStore(db) as store:
         assert store.hashes() == {config_hash(c) for c in _configs(grid)}
