@@ -346,6 +346,13 @@ class Generator:
         return torch.cat([prompt, torch.stack(new, dim=1)], dim=1) if new else prompt.clone()
 
 
+def check_count(name: str, value: Any, low: int) -> int:
+    """``value`` if it is an int >= ``low`` (not a bool), else a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return value
+
+
 def check_sizes(d_model, mlp_ratio=4.0) -> None:
     """The sizes every architecture shares: d_model an int >= 1, mlp_ratio a finite number > 0."""
     if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:

@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from recur.layers.norms import build_norm
-from recur.models.base import (Architecture, Generator, ModelOutput, check_features, check_positions, check_sizes,
-                               check_tokens)
+from recur.models.base import (Architecture, Generator, ModelOutput, check_count, check_features, check_positions,
+                               check_sizes, check_tokens)
 from recur.models.blocks import Backbone
 from recur.registry import ARCHITECTURES
 from recur.state import State
@@ -51,8 +51,7 @@ def build_lm_layers(lm: nn.Module, vocab_size: int, d_model: int, n_layers: int,
     if target_dim and tie_embeddings:
         raise ValueError("a regression head (target_dim > 0) cannot be tied to the token embedding; "
                          "set tie_embeddings=false")
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+    check_count("vocab_size", vocab_size, 2)
     check_sizes(d_model, mlp_ratio)
     lm.vocab_size = vocab_size
     lm.embed = nn.Embedding(vocab_size, d_model)

@@ -38,19 +38,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, ModelOutput, check_features, check_sizes, check_tokens
+from recur.models.base import Architecture, ModelOutput, check_count, check_features, check_sizes, check_tokens
 from recur.models.blocks import Backbone
 from recur.registry import ARCHITECTURES
 from recur.state import State
 
 BLANK = 0
 DECODINGS = ("greedy", "beam")
-
-
-def check_count(name: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class FrameEncoder(nn.Module):

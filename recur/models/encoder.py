@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, ModelOutput, check_sizes, check_tokens
+from recur.models.base import Architecture, ModelOutput, check_count, check_sizes, check_tokens
 from recur.models.blocks import Backbone
 from recur.registry import ARCHITECTURES
 from recur.state import State
@@ -47,15 +47,13 @@ class Encoder(Architecture):
                  head: str = "token", pool: str = "mean", n_classes: int | None = None,
                  shared_blocks: int | None = None):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_count("vocab_size", vocab_size, 2)
         if head not in HEADS:
             raise ValueError(f"encoder head must be one of {HEADS}, got {head!r}")
         if pool not in POOLS:
             raise ValueError(f"encoder pool must be one of {POOLS}, got {pool!r}")
         n_classes = vocab_size if n_classes is None else n_classes
-        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-            raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
+        check_count("n_classes", n_classes, 2)
         check_sizes(d_model, mlp_ratio)
         self.vocab_size, self.n_classes, self.head_kind, self.pool = vocab_size, n_classes, head, pool
         self.embed = nn.Embedding(vocab_size, d_model)

@@ -59,7 +59,8 @@ from torch import nn
 
 from recur.layers.common import positive_int
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, Generator, ModelOutput, check_positions, check_sizes, check_tokens
+from recur.models.base import (Architecture, Generator, ModelOutput, check_count, check_positions, check_sizes,
+                               check_tokens)
 from recur.models.blocks import Backbone, check_mixer_config
 from recur.models.loops import check_state_entries
 from recur.registry import ARCHITECTURES
@@ -217,8 +218,7 @@ class HierarchicalByte(Generator, Architecture):
                  byte_d_model: int | None = None, byte_pattern=None, encoder_layers: int = 1,
                  decoder_layers: int = 1, boundary: int | Sequence[int] = 32):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_count("vocab_size", vocab_size, 2)
         check_sizes(d_model, mlp_ratio)
         d_byte = d_model if byte_d_model is None else positive_int("byte_d_model", byte_d_model)
         positive_int("encoder_layers", encoder_layers)

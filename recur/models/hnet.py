@@ -61,7 +61,7 @@ from torch import nn
 from recur.layers.attention import Attention
 from recur.layers.common import positive_int
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, Generator, ModelOutput, check_sizes, check_tokens
+from recur.models.base import Architecture, Generator, ModelOutput, check_count, check_sizes, check_tokens
 from recur.models.blocks import Backbone
 from recur.registry import ARCHITECTURES, list_models, resolve_pattern
 from recur.state import State
@@ -202,8 +202,7 @@ class HNet(Generator, Architecture):
                  encoder_layers: int = 2, decoder_layers: int = 2, main_pattern=None, d_main: int | None = None,
                  target_ratio: float = 6.0, ratio_weight: float = 0.03):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_count("vocab_size", vocab_size, 2)
         check_sizes(d_model, mlp_ratio)
         d_main = d_model if d_main is None else d_main
         if isinstance(d_main, bool) or not isinstance(d_main, int) or d_main < d_model:

@@ -49,7 +49,8 @@ from torch import nn
 
 from recur.layers.common import positive_int
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, Generator, ModelOutput, check_positions, check_sizes, check_tokens
+from recur.models.base import (Architecture, Generator, ModelOutput, check_count, check_positions, check_sizes,
+                               check_tokens)
 from recur.models.blocks import Backbone
 from recur.models.hierarchical_byte import (document_starts, check_unit_backbone, head_output, latest_event,
                                             mixer_options, run_events, sub_patterns)
@@ -72,8 +73,7 @@ class Megabyte(Generator, Architecture):
                  norm: str = "rmsnorm", channel_options: Mapping[str, Any] | None = None,
                  patch_size: int = 4, local_d_model: int | None = None, local_layers: int = 1, local_pattern=None):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_count("vocab_size", vocab_size, 2)
         check_sizes(d_model, mlp_ratio)
         P = positive_int("patch_size", patch_size)
         d_local = d_model if local_d_model is None else positive_int("local_d_model", local_d_model)

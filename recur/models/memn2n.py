@@ -50,7 +50,7 @@ from torch import nn
 
 from recur.layers.base import Mixer
 from recur.layers.common import positive_int
-from recur.models.base import Architecture, ModelOutput, _model_config, check_tokens
+from recur.models.base import Architecture, ModelOutput, _model_config, check_count, check_tokens
 from recur.registry import ARCHITECTURES
 from recur.state import State
 
@@ -224,8 +224,7 @@ class MemN2N(Architecture):
     def __init__(self, vocab_size: int, d_model: int = 32, hops: int = 3, memory_size: int = 50,
                  sentence_end: int | Sequence[int] = SENTENCE_END, linear_start: int = 0):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_count("vocab_size", vocab_size, 2)
         positive_int("d_model", d_model)
         ends = [sentence_end] if isinstance(sentence_end, int) else list(sentence_end)
         if not ends or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in ends):

@@ -55,7 +55,7 @@ from torch import nn
 
 from recur.layers.common import positive_int
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, ModelOutput, check_features, check_sizes, check_tokens
+from recur.models.base import Architecture, ModelOutput, check_count, check_features, check_sizes, check_tokens
 from recur.models.blocks import Backbone
 from recur.models.loops import check_state_entries
 from recur.models.seq2seq import stream_layout
@@ -106,8 +106,7 @@ class PointerNetwork(Architecture):
                  sep: int | None = None, feature_dim: int = 0, max_points: int = 64, mask_chosen: str = "none",
                  decoder_pattern=None):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_count("vocab_size", vocab_size, 2)
         check_sizes(d_model, mlp_ratio)
         self.max_points = positive_int("max_points", max_points, owner="pointer")
         if sep is None:  # the pointer tasks' layout: index tokens 0 .. max_points-1, then POINT, SEP, PAD
@@ -119,8 +118,7 @@ class PointerNetwork(Architecture):
                                  "--set model.args.sep=ID")
         if isinstance(sep, bool) or not isinstance(sep, int) or not 0 <= sep < vocab_size:
             raise ValueError(f"sep must be a token id in [0, {vocab_size}), got {sep!r}")
-        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 0:
-            raise ValueError(f"feature_dim must be an int >= 0, got {feature_dim!r}")
+        check_count("feature_dim", feature_dim, 0)
         if mask_chosen not in MASK_CHOSEN:
             raise ValueError(f"pointer mask_chosen must be one of {', '.join(MASK_CHOSEN)}, got {mask_chosen!r}")
         self.vocab_size, self.sep, self.feature_dim, self.mask_chosen = vocab_size, sep, feature_dim, mask_chosen

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, ModelOutput, check_sizes, check_tokens
+from recur.models.base import Architecture, ModelOutput, check_count, check_sizes, check_tokens
 from recur.models.blocks import Backbone
 from recur.registry import ARCHITECTURES
 from recur.state import State
@@ -246,11 +246,9 @@ class ReCAT(Architecture):
                  cio_layers: int = 1, topk: int | None = 2, score_dim: int | None = None, compose_heads: int = 2,
                  compose_ratio: float = 2.0, pool: str = "root", n_classes: int | None = None):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_count("vocab_size", vocab_size, 2)
         check_sizes(d_model, mlp_ratio)
-        if isinstance(cio_layers, bool) or not isinstance(cio_layers, int) or cio_layers < 1:
-            raise ValueError(f"cio_layers must be an int >= 1, got {cio_layers!r}")
+        check_count("cio_layers", cio_layers, 1)
         if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or topk < 1):
             raise ValueError(f"topk (splits composed per span) must be an int >= 1 or None (all), got {topk!r}")
         score_dim = d_model if score_dim is None else score_dim
@@ -262,8 +260,7 @@ class ReCAT(Architecture):
         if pool not in POOLS:
             raise ValueError(f"recat pool must be one of {POOLS}, got {pool!r}")
         n_classes = vocab_size if n_classes is None else n_classes
-        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 2:
-            raise ValueError(f"n_classes must be an int >= 2, got {n_classes!r}")
+        check_count("n_classes", n_classes, 2)
         self.vocab_size, self.n_classes, self.pool, self.d_model = vocab_size, n_classes, pool, d_model
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=0.02)

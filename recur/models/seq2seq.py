@@ -43,7 +43,8 @@ from torch import nn
 
 from recur.layers.common import positive_int
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, Generator, ModelOutput, check_positions, check_sizes, check_tokens
+from recur.models.base import (Architecture, Generator, ModelOutput, check_count, check_positions, check_sizes,
+                               check_tokens)
 from recur.models.blocks import Backbone
 from recur.models.loops import check_state_entries
 from recur.registry import ARCHITECTURES
@@ -118,8 +119,7 @@ class Seq2Seq(Generator, Architecture):
                  norm: str = "rmsnorm", channel_options: Mapping[str, Any] | None = None,
                  sep: int | None = None, attention: str = "dot", max_source: int = 64, decoder_pattern=None):
         super().__init__()
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-            raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
+        check_count("vocab_size", vocab_size, 2)
         check_sizes(d_model, mlp_ratio)
         if sep is None:
             raise ValueError("seq2seq needs the id of the token that ends the source (sep=...): a transduction task "

@@ -46,9 +46,9 @@ import torch
 from torch import nn
 
 from recur.layers.norms import build_norm
-from recur.models.base import Architecture, ModelOutput
+from recur.models.base import Architecture, ModelOutput, check_count
 from recur.models.blocks import Backbone
-from recur.models.ctc import BLANK, FrameEncoder, check_count, utterance_frames, utterance_labels
+from recur.models.ctc import BLANK, FrameEncoder, utterance_frames, utterance_labels
 from recur.models.transducer_loss import transducer_loss
 from recur.registry import ARCHITECTURES
 from recur.state import State
